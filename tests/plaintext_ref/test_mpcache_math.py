@@ -1,0 +1,77 @@
+"""Invariants of the plaintext MPCache math (shared/research/mpcache.md §11)."""
+import math
+
+import pytest
+import torch
+
+from mpcache.config import MPCacheConfig
+from plaintext_ref import mpcache_math as mm
+
+LENGTHS = [1, 5, 31, 32, 33, 40, 777, 1000, 1013, 1024]
+
+
+def _qk(t, seed=0, hkv=3, g=3, d=16):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(2, hkv * g, d, generator=gen), torch.randn(2, hkv, t, d, generator=gen)
+
+
+@pytest.mark.parametrize("t", LENGTHS)
+def test_upper_bound_and_reorder_identity(t):
+    q, k = _qk(t)
+    qk = mm.group_query(q, k.shape[1])
+    for s in (32, 16):
+        rmin, rmax = mm.cluster_minmax(k, s)
+        bound = torch.maximum(qk[:, :, None] * rmax, qk[:, :, None] * rmin).sum(-1)   # Eq. 2
+        c = math.ceil(t / s)
+        exact = torch.stack([(k[:, :, i * s:(i + 1) * s] @ qk[..., None]).squeeze(-1).amax(-1)
+                             for i in range(c)], dim=-1)
+        assert (bound >= exact - 1e-4).all()
+        alpha = 0.6
+        unordered = (alpha * qk[:, :, None] * rmax + (1 - alpha) * qk[:, :, None] * rmin).sum(-1)
+        torch.testing.assert_close(mm.cluster_scores(qk, mm.representative_keys(rmin, rmax, alpha)),
+                                   unordered, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("t", LENGTHS)
+def test_selection_shape_budget_forced_and_hierarchy(t):
+    cfg = MPCacheConfig()
+    q, k = _qk(t, seed=t)
+    qk = mm.group_query(q, k.shape[1])
+    picked = mm.select_clusters(qk, k, cfg)
+    c2 = cfg.n_clusters(t, 1)
+    n_forced = len(mm.forced_clusters(c2, cfg))
+    assert (picked.sum(-1) == cfg.n_topk(t, 1) + n_forced).all()          # exactly k2 + forced, distinct
+    assert picked[..., 0].all() and picked[..., -1].all()                   # sink and local, also T' % 32 == 0
+    mask = mm.dynamic_token_mask(q, k, cfg)
+    assert mask[..., -1].all() and (mask.sum(-1) <= cfg.selected_tokens(t)).all()
+    # every level-2 pick is a child of a level-1 pick (level 1 recomputed here)
+    level1 = MPCacheConfig(cluster_sizes=(32,), level_ratios=(cfg.level_ratios[0],))
+    parents = mm.select_clusters(qk, k, level1)
+    assert (picked <= parents.repeat_interleave(2, dim=-1)[..., :c2]).all()
+
+
+def test_full_budget_selects_everything():
+    cfg = MPCacheConfig(level_ratios=(1.0, 1.0))
+    for t in LENGTHS:
+        q, k = _qk(t, seed=3)
+        assert mm.dynamic_token_mask(q, k, cfg).all()
+
+
+def test_static_keep_is_sorted_topk():
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.rand(2, 100, generator=gen)
+    kept = mm.static_keep(scores, 30)
+    assert (kept.diff(dim=-1) > 0).all()
+    top = scores.topk(30, dim=-1).indices.sort(-1).values
+    assert torch.equal(kept, top)
+
+
+def test_config_validation_and_sharing():
+    with pytest.raises(ValueError, match="alpha"):
+        MPCacheConfig(alpha=1.5)
+    with pytest.raises(ValueError, match="cluster"):
+        MPCacheConfig(cluster_sizes=(32, 12))
+    cfg = MPCacheConfig()
+    assert [cfg.shares_with(i) for i in range(6)] == [None, None, None, 2, None, 4]
+    assert MPCacheConfig(share_layers=False).shares_with(3) is None
+    assert cfg.n_keep(1000) == 300 and MPCacheConfig(static_keep=256).n_keep(1000) == 256
