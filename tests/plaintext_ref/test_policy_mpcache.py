@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mpcache.config import MPCacheConfig
-from plaintext_ref import mpcache_math as mm
+from plaintext_ref.policies import mpcache as mm
 
 LENGTHS = [1, 5, 31, 32, 33, 40, 777, 1000, 1013, 1024]
 
@@ -75,3 +75,56 @@ def test_config_validation_and_sharing():
     assert [cfg.shares_with(i) for i in range(6)] == [None, None, None, 2, None, 4]
     assert MPCacheConfig(share_layers=False).shares_with(3) is None
     assert cfg.n_keep(1000) == 300 and MPCacheConfig(static_keep=256).n_keep(1000) == 256
+
+
+# ---- the policy inside HF generation (tiny random models) -------------------------------------
+from plaintext_ref import runtime  # noqa: E402
+from plaintext_ref.policies import get_policy  # noqa: E402
+from plaintext_ref.policies.mpcache import MPCache, config_for_budget  # noqa: E402
+
+
+def _prompt(tok, n=150, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, len(tok), (1, n), generator=gen)
+
+
+def test_full_budget_mpcache_equals_full_cache(tiny_llama):
+    model, tok, _ = tiny_llama
+    ids = _prompt(tok)
+    cfg = MPCacheConfig(static_keep=1.0, level_ratios=(1.0, 1.0), share_layers=False)
+    full = runtime.generate(model, ids, None, max_new_tokens=12)
+    ours = runtime.generate(model, ids, MPCache(config=cfg), max_new_tokens=12)
+    assert torch.equal(full, ours)
+
+
+def test_static_eviction_keeps_public_count_and_shares_indices(tiny_llama):
+    model, tok, _ = tiny_llama
+    ids = _prompt(tok, n=200, seed=1)
+    cfg = MPCacheConfig(static_keep=0.3, share_start=0)     # tiny model: layers (0, 1) share
+    policy = MPCache(config=cfg)
+    runtime.generate(model, ids, policy, max_new_tokens=1)
+    kept = policy._static
+    assert set(kept) == {0, 1} and kept[0].shape == (1, cfg.n_keep(200))
+    assert torch.equal(kept[0], kept[1]) and (kept[0].diff(dim=-1) > 0).all()
+
+
+def test_decode_selection_matches_math_and_budget(tiny_llama):
+    model, tok, _ = tiny_llama
+    ids = _prompt(tok, n=300, seed=2)
+    policy = MPCache(config=MPCacheConfig(share_layers=False))
+    out = runtime.generate(model, ids, policy, max_new_tokens=5)
+    assert out.shape[1] == 305
+    for layer, mask in policy._dynamic.items():
+        t = mask.shape[-1]
+        assert t == policy.config.n_keep(300) + 4          # compacted prompt + generated so far
+        assert (mask.sum(-1) <= policy.config.selected_tokens(t)).all()
+        assert mask[..., 0].all() and mask[..., -1].all()
+
+
+def test_registry_and_budget_mapping():
+    p = get_policy("mpcache", budget=0.1)
+    assert isinstance(p, MPCache)
+    cfg = config_for_budget(0.05)
+    assert cfg.static_keep == 0.3 and abs(cfg.level_ratios[1] - 0.05 / 0.3) < 1e-9
+    with pytest.raises(ValueError):
+        config_for_budget(0.0)

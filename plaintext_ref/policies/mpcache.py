@@ -1,9 +1,22 @@
-"""The plaintext math of MPCache (float twin of the MPC protocols), on plain tensors.
+"""MPCache (plaintext twin): Zeng et al., "MPCache: MPC-Friendly KV Cache Eviction for Efficient
+Private LLM Inference", arXiv 2501.06807 (NeurIPS 2025).
 
-Zeng et al., "MPCache: MPC-Friendly KV Cache Eviction for Efficient Private LLM Inference",
-arXiv 2501.06807. These functions are the ground truth that ``mpcache.policy`` (MPC) is validated
-against, and what ``plaintext_ref.policies.mpcache.MPCachePolicy`` plugs into HF generation.
-Knobs and deviations from the authors' code: ``mpcache.config.MPCacheConfig``.
+Rule. (1) Look-once static eviction after prefill: s_j = Σ_{i∈window} mean_h A[h,i,j] over the last
+20 % of prompt queries; keep the top-K prompt tokens (K public), in position order, per layer.
+Generated tokens are never statically evicted. (2) Query-aware dynamic selection every decode step:
+clusters of 32 (level 1) and 16 (level 2) consecutive cached tokens summarised by per-channel r_min,
+r_max; score_c = q·k̃_c with k̃_c = α r_max + (1−α) r_min (α = 0.6); level 1 keeps top-int(0.5·C1),
+level 2 scores only children of level-1 picks and keeps top-int(0.2·C2); the sink and local
+clusters are always added (never duplicating a pick); attention runs over the selected tokens only.
+(3) Cross-layer index sharing: layer 2k+1 (k ≥ 1) reuses layer 2k's static set and selection.
+
+Defaults: ``mpcache.config.MPCacheConfig`` (authors' code, mpcache.md §10), which also lists the
+deviations from the authors' code (public top-K instead of a threshold, always-forced local cluster,
+no duplicates, scaled causal scores, GQA, unpadded last cluster).
+GQA: selection per KV head with the group's mean query (linear, so exact for the linear score).
+Needs: q (post-RoPE), at prefill and decode.
+MPC twin: ``mpcache.policy`` implements the same selection obliviously and is validated against
+these functions on the same inputs.
 
 Shapes: B batch · Hkv KV heads · G query heads per KV head · W window queries · T0 prompt tokens ·
 T' cache tokens · D head dim · C clusters · K kept count.
@@ -11,11 +24,14 @@ T' cache tokens · D head dim · C clusters · K kept count.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from mpcache.config import MPCacheConfig
+from plaintext_ref.policies.base import KVPolicy, LayerKV, StepCtx, gather_kv
+from plaintext_ref.policies.base import window_attention as causal_window_attention
 
 NEG = float("-inf")
 
@@ -128,3 +144,73 @@ def dynamic_token_mask(q: Tensor, k: Tensor, cfg: MPCacheConfig) -> Tensor:
         return torch.ones(k.shape[:2] + (t,), dtype=torch.bool, device=k.device)
     picked = select_clusters(group_query(q, k.shape[1]), k, cfg)
     return cluster_token_mask(picked, cfg.cluster_sizes[-1], t)
+
+
+def config_for_budget(budget: float, base: MPCacheConfig | None = None) -> MPCacheConfig:
+    """An MPCacheConfig attending about ``budget``·T0 tokens per decode step.
+
+    static_keep = max(base.static_keep, 2·budget) (capped at 1), level-1 ratio 0.5 and the level-2
+    ratio = budget / static_keep, so (k2 + forced)·16 ≈ budget·T0 (authors: 30 % × 20 % = 6 %).
+    """
+    base = base or MPCacheConfig()
+    if not 0 < budget <= 1:
+        raise ValueError(f"MPCache budget is the fraction attended, in (0, 1]; got {budget}")
+    keep = min(1.0, max(float(base.static_keep) if base.static_keep <= 1 else 0.3, 2 * budget))
+    ratio2 = min(base.level_ratios[0], budget / keep)
+    return replace(base, static_keep=keep, level_ratios=(base.level_ratios[0], ratio2))
+
+
+@dataclass
+class MPCache(KVPolicy):
+    """MPCache plaintext twin (see module docstring).
+
+    Parameters
+    ----------
+    config : MPCacheConfig, every knob (default: the authors' defaults).
+    budget : optional float in (0, 1], fraction of the prompt attended per decode step; overrides
+        ``config.static_keep`` and the level-2 ratio via :func:`config_for_budget`.
+    """
+
+    config: MPCacheConfig = field(default_factory=MPCacheConfig)
+    budget: float | None = None
+    needs = frozenset({"q"})
+
+    def __post_init__(self) -> None:
+        if self.budget is not None:
+            self.config = config_for_budget(float(self.budget), self.config)
+        self.reset()
+
+    def reset(self) -> None:
+        # Per-sequence indices of the layers others share with: static (B, K) and dynamic (B, Hkv, 1, T').
+        self._static: dict[int, Tensor] = {}
+        self._dynamic: dict[int, Tensor] = {}
+
+    def on_prefill(self, ctx: StepCtx, kv: LayerKV) -> LayerKV:
+        """Look-once static eviction: keep the public top-K prompt tokens of this layer, in order."""
+        cfg, layer = self.config, ctx.layer_idx
+        src = cfg.shares_with(layer)
+        if src is not None and src in self._static:
+            idx = self._static[src]
+        else:
+            t0 = kv.n
+            w = cfg.window(t0)
+            attn = causal_window_attention(ctx.q[:, :, -w:], kv.k, ctx.scaling, kv.valid)   # (B, H, W, T0)
+            scores = static_scores(attn)                                                  # (B, T0)
+            if kv.valid is not None:
+                scores = scores.masked_fill(~kv.valid.all(dim=1), NEG)
+            idx = static_keep(scores, cfg.n_keep(t0))                                    # (B, K)
+        self._static[layer] = idx
+        b, hkv = kv.k.shape[:2]
+        return gather_kv(kv, idx[:, None, :].expand(b, hkv, idx.shape[-1]))
+
+    def select(self, ctx: StepCtx, kv: LayerKV) -> Tensor | None:
+        """Dynamic selection before attention at decode: (B, Hkv, 1, T') bool."""
+        if ctx.phase != "decode":
+            return None
+        src = self.config.shares_with(ctx.layer_idx)
+        if src is not None and src in self._dynamic:
+            mask = self._dynamic[src]
+        else:
+            mask = dynamic_token_mask(ctx.q[:, :, -1], kv.k, self.config)[:, :, None, :]
+        self._dynamic[ctx.layer_idx] = mask
+        return mask if kv.valid is None else mask & kv.valid[:, :, None, :]
