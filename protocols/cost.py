@@ -1,0 +1,255 @@
+"""Cost accounting: bytes, rounds and seconds per named stage and phase, from CrypTen's counters.
+
+``CostMeter`` reads ``comm.get().get_communication_stats()`` (needs ``ProtocolConfig.
+count_communication``, i.e. CrypTen's verbose communicator) around each block::
+
+    meter = CostMeter()
+    with meter.phase("prefill", tokens=S):
+        with meter.stage("qkv"): ...
+    for _ in range(n_new):                 # or one phase("decode") + meter.count_tokens(1) per step
+        with meter.phase("decode", tokens=1):
+            with meter.stage("attention"):
+                with meter.stage("softmax"): ...   # recorded as "attention/softmax"
+    report = meter.aggregate()   # collective: every party gets both parties' numbers
+
+Per party CrypTen logs bytes sent *and* received (8 per element; with the separate dealer, the
+dealer's traffic is logged by party 0), so bytes on the wire = (party 0 + party 1) / 2, as CrypTen's
+docstring says. Rounds and seconds are the maximum over parties. ``comm_s`` is time inside
+collectives (network plus waiting for the peer); ``compute_s = wall_s − comm_s``.
+Projection to a network: ``T = compute_s + 8·wire_bytes / bandwidth_bps + rounds·rtt_s`` (all wire
+bytes serialised over one link: conservative for a full-duplex link).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from protocols.compat import comm, crypten
+
+logger = logging.getLogger(__name__)
+
+TOTAL = "total"   # stage name of a whole phase block
+OTHER = "other"   # phase total minus its top-level stages (report only)
+_FIELDS = ("bytes", "rounds", "comm_s", "wall_s", "calls")
+
+
+def _counters() -> tuple[float, int, float]:
+    s = comm.get().get_communication_stats()
+    return float(s["bytes"]), int(s["rounds"]), float(s["time"])
+
+
+class CostMeter:
+    """Per-party recorder of (phase, stage) → bytes, rounds, comm seconds, wall seconds, calls.
+
+    Stages nest (``"attention/softmax"``; a parent includes its children). Stages outside any
+    ``phase`` block go to phase ``"run"``. ``tokens`` given to ``phase`` accumulate per phase and
+    give per-token averages in the report.
+    """
+
+    def __init__(self) -> None:
+        self._records: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0] * len(_FIELDS))
+        self._tokens: dict[str, int] = defaultdict(int)
+        self._phase: str | None = None
+        self._stack: list[str] = []
+
+    @contextlib.contextmanager
+    def _measure(self, phase: str, stage: str) -> Iterator[None]:
+        b0, r0, c0 = _counters()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            b1, r1, c1 = _counters()
+            rec = self._records[(phase, stage)]
+            for i, v in enumerate((b1 - b0, r1 - r0, c1 - c0, time.perf_counter() - t0, 1)):
+                rec[i] += v
+
+    @contextlib.contextmanager
+    def phase(self, name: str, tokens: int = 0) -> Iterator[None]:
+        """Attribute the block to phase ``name`` (e.g. "prefill", "decode") and count ``tokens``.
+
+        A phase opened inside another one suspends the outer one until it closes.
+        """
+        if "/" in name or "|" in name:
+            raise ValueError(f"bad phase name {name!r}")
+        prev, self._phase = self._phase, name
+        self.count_tokens(tokens)
+        try:
+            with self._measure(name, TOTAL):
+                yield
+        finally:
+            self._phase = prev
+
+    def count_tokens(self, n: int = 1, phase: str | None = None) -> None:
+        """Add ``n`` tokens to ``phase`` (default: the open one), e.g. once per decode step."""
+        if n < 0:
+            raise ValueError(f"token count must be >= 0, got {n}")
+        self._tokens[phase or self._phase or "run"] += n
+
+    @contextlib.contextmanager
+    def stage(self, name: str, phase: str | None = None) -> Iterator[None]:
+        """Attribute the block to stage ``name`` (nested under any open stage) of the current phase."""
+        if not name or "/" in name or "|" in name or name in (TOTAL, OTHER):
+            raise ValueError(f"bad stage name {name!r}")
+        self._stack.append(name)
+        try:
+            with self._measure(phase or self._phase or "run", "/".join(self._stack)):
+                yield
+        finally:
+            self._stack.pop()
+
+    def local(self) -> dict:
+        """This party's numbers as plain builtins (picklable through CrypTen's restricted unpickler)."""
+        return {"records": {f"{p}|{s}": list(v) for (p, s), v in self._records.items()},
+                "tokens": dict(self._tokens)}
+
+    def aggregate(self) -> CostReport:
+        """Exchange every party's numbers (collective; its own traffic is not counted)."""
+        c = comm.get()
+        saved = (c.comm_bytes, c.comm_rounds, c.comm_time)
+        mine = self.local()
+        parties = [c.broadcast_obj(mine if c.get_rank() == r else None, r)
+                   for r in range(c.get_world_size())]
+        c.comm_bytes, c.comm_rounds, c.comm_time = saved
+        return CostReport(parties, provider=type(crypten.mpc.get_default_provider()).NAME)
+
+
+@dataclass
+class CostRow:
+    """Aggregated cost of one (phase, stage); ``party_bytes`` as logged by each party."""
+
+    phase: str
+    stage: str
+    party_bytes: list[float]
+    rounds: float
+    comm_s: float
+    wall_s: float
+    calls: int
+    tokens: int = 0
+
+    @property
+    def wire_bytes(self) -> float:
+        return sum(self.party_bytes) / 2
+
+    @property
+    def compute_s(self) -> float:
+        return max(self.wall_s - self.comm_s, 0.0)
+
+    def project(self, bandwidth_bps: float, rtt_s: float) -> float:
+        """Seconds on a link: ``compute_s + 8·wire_bytes / bandwidth_bps + rounds·rtt_s``."""
+        return project(self.compute_s, self.wire_bytes, self.rounds, bandwidth_bps, rtt_s)
+
+    def per_token(self) -> CostRow:
+        n = max(self.tokens, 1)
+        return CostRow(self.phase, self.stage, [b / n for b in self.party_bytes], self.rounds / n,
+                       self.comm_s / n, self.wall_s / n, self.calls, self.tokens)
+
+
+def project(compute_s: float, wire_bytes: float, rounds: float, bandwidth_bps: float,
+            rtt_s: float) -> float:
+    """``T = compute + 8·bytes / bandwidth + rounds·RTT`` (bandwidth in bits per second)."""
+    if bandwidth_bps <= 0 or rtt_s < 0:
+        raise ValueError(f"need bandwidth_bps > 0 and rtt_s >= 0, got {bandwidth_bps}, {rtt_s}")
+    return compute_s + 8.0 * wire_bytes / bandwidth_bps + rounds * rtt_s
+
+
+@dataclass
+class CostReport:
+    """Both parties' numbers, merged into rows; ``provider`` is CrypTen's ("TFP" is NOT secure)."""
+
+    parties: list[dict]
+    provider: str = "TFP"
+    rows: list[CostRow] = field(init=False)
+
+    def __post_init__(self) -> None:
+        keys = sorted({k for p in self.parties for k in p["records"]}, key=self._order)
+        self.rows = [self._merge(k) for k in keys]
+        self._add_other()
+
+    @staticmethod
+    def _order(key: str) -> tuple:
+        phase, stage = key.split("|", 1)
+        return ({"prefill": 0, "decode": 1}.get(phase, 2), phase, stage == TOTAL, stage)
+
+    def _merge(self, key: str) -> CostRow:
+        phase, stage = key.split("|", 1)
+        recs = [p["records"].get(key, [0.0] * len(_FIELDS)) for p in self.parties]
+        tokens = self.parties[0]["tokens"].get(phase, 0)
+        return CostRow(phase, stage, [r[0] for r in recs], int(max(r[1] for r in recs)),
+                       max(r[2] for r in recs), max(r[3] for r in recs), int(max(r[4] for r in recs)),
+                       tokens)
+
+    def _add_other(self) -> None:
+        for total in [r for r in self.rows if r.stage == TOTAL]:
+            top = [r for r in self.rows if r.phase == total.phase and r.stage != TOTAL
+                   and "/" not in r.stage]
+            if not top:
+                continue
+            other = CostRow(total.phase, OTHER,
+                            [b - sum(r.party_bytes[i] for r in top) for i, b in enumerate(total.party_bytes)],
+                            total.rounds - sum(r.rounds for r in top),
+                            max(total.comm_s - sum(r.comm_s for r in top), 0.0),
+                            max(total.wall_s - sum(r.wall_s for r in top), 0.0), total.calls, total.tokens)
+            self.rows.insert(self.rows.index(total), other)
+
+    @property
+    def secure(self) -> bool:
+        return self.provider != "TFP"
+
+    def row(self, phase: str, stage: str = TOTAL) -> CostRow:
+        for r in self.rows:
+            if (r.phase, r.stage) == (phase, stage):
+                return r
+        raise KeyError(f"no cost recorded for phase {phase!r}, stage {stage!r}")
+
+    def project(self, bandwidth_bps: float, rtt_s: float, phase: str | None = None,
+                per_token: bool = False) -> float:
+        """Projected seconds of one phase's total (``phase=None``: every phase's total)."""
+        totals = [r for r in self.rows if r.stage == TOTAL and phase in (None, r.phase)]
+        if not totals:
+            raise KeyError(f"no phase total recorded for phase={phase!r}")
+        return sum((r.per_token() if per_token else r).project(bandwidth_bps, rtt_s) for r in totals)
+
+    def to_dict(self) -> dict:
+        """Machine-readable: ``{"provider", "secure", "phases": {phase: {"tokens", "stages": {...}}}}``."""
+        phases: dict[str, dict] = {}
+        for r in self.rows:
+            ph = phases.setdefault(r.phase, {"tokens": r.tokens, "stages": {}})
+            ph["stages"][r.stage] = {"party_bytes": r.party_bytes, "wire_bytes": r.wire_bytes,
+                                     "rounds": r.rounds, "comm_s": r.comm_s, "wall_s": r.wall_s,
+                                     "compute_s": r.compute_s, "calls": r.calls}
+        return {"provider": self.provider, "secure": self.secure, "phases": phases}
+
+    def _table(self, per_token: bool) -> tuple[list[str], list[list[str]]]:
+        head = ["phase", "stage", "calls", "wire MB", "P0 MB", "P1 MB", "rounds", "comm s", "wall s"]
+        body = []
+        for r in self.rows:
+            v = r.per_token() if per_token else r
+            body.append([r.phase, r.stage, str(r.calls), f"{v.wire_bytes / 1e6:.3f}",
+                         *(f"{b / 1e6:.3f}" for b in v.party_bytes[:2]), f"{v.rounds:g}",
+                         f"{v.comm_s:.3f}", f"{v.wall_s:.3f}"])
+        return head, body
+
+    def title(self, per_token: bool = False) -> str:
+        mode = "secure dealer" if self.secure else "NOT secure: dealer emulated in party 0"
+        return f"MPC cost{' per token' if per_token else ''} (provider {self.provider}, {mode})"
+
+    def to_markdown(self, per_token: bool = False) -> str:
+        head, body = self._table(per_token)
+        lines = [f"**{self.title(per_token)}**", "", "| " + " | ".join(head) + " |",
+                 "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines)
+
+    def to_rich(self, per_token: bool = False):
+        """A ``rich.table.Table`` of the same rows."""
+        from rich.table import Table
+        head, body = self._table(per_token)
+        table = Table(*head, title=self.title(per_token))
+        for row in body:
+            table.add_row(*row)
+        return table
