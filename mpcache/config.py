@@ -106,7 +106,13 @@ class MPCacheConfig:
         else:
             parents = self.n_topk(length, level - 1) + self.n_forced(length, level - 1)
             fan = self.cluster_sizes[level - 1] // self.cluster_sizes[level]
-            cap = min(c, parents * fan) - forced
+            if self.force_sink and self.force_local:
+                # exact: the partial last parent (always picked) lacks C_{l-1}·fan − C_l children, and
+                # the forced clusters of this level are children of the forced parents
+                c_parent = self.n_clusters(length, level - 1)
+                cap = parents * fan - (c_parent * fan - c) - forced
+            else:
+                cap = min(c, parents * fan) - forced
         return max(0, min(k, cap))
 
     def selected_tokens(self, length: int) -> int:

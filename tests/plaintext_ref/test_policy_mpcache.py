@@ -32,9 +32,10 @@ def test_upper_bound_and_reorder_identity(t):
                                    unordered, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("ratios", [(0.5, 0.2), (0.5, 0.5), (0.25, 0.25)])
 @pytest.mark.parametrize("t", LENGTHS)
-def test_selection_shape_budget_forced_and_hierarchy(t):
-    cfg = MPCacheConfig()
+def test_selection_shape_budget_forced_and_hierarchy(t, ratios):
+    cfg = MPCacheConfig(level_ratios=ratios)
     q, k = _qk(t, seed=t)
     qk = mm.group_query(q, k.shape[1])
     picked = mm.select_clusters(qk, k, cfg)
