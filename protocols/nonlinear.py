@@ -1,0 +1,269 @@
+"""Non-linear functions on secret shares with stated domains and error bounds.
+
+CrypTen's built-ins fail on the ranges an LLM produces (research/env_probe.md §1c): its exp explodes
+below −512, its reciprocal is garbage above ~200 (softmax over long flat rows), its inv_sqrt is good
+only on [1, 100] while RMSNorm mean squares of SmolLM2-135M span [7e-3, 1.0e6]. The versions here
+use CrypTen only for products and comparisons, and never read ``crypten.cfg``:
+
+* ``exp``: clamp, then e^x = (e^(x/32))^32 with a degree-8 Taylor base (8 rounds, ~8× more
+  accurate than CrypTen's (1 + x/256)^256 at the same depth).
+* reciprocal / inv_sqrt: a piecewise-constant initial guess from one batched comparison of the
+  input against public powers of two (one threshold per octave), then 2–4 Newton–Raphson steps.
+  This covers any stated range in a fixed number of rounds.
+
+Measured input ranges (forward hooks; SmolLM2-135M on 512–1024 tokens of vim/GPL text, tiny models
+on 256 tokens):
+
+| model | RMS/LayerNorm mean square | max abs norm input | SiLU/GELU input |
+|---|---|---|---|
+| smollm2 | [6.9e-3, 4.4e3]; token 0 of layers 12–28: 1.0e6 | 2.4e4 (token 0), else ≤ 1.2e3 | [−31.3, 49.9] |
+| tiny-llama | [2.6e-4, 2.0e-3] | 0.11 | [−0.77, 0.68] |
+| tiny-gpt2 | [4.9e-4, 2.0e-3] | 0.14 | [−0.76, 0.71] |
+
+Cost notation: ``cmp`` = one secure comparison, 8 rounds, 432 logged bytes per element per party
+(measured); ``mul`` = one Beaver product, 1 round, 32 bytes per element (sizes in elements).
+
+Config (module constants; should move to ``protocols.config.ProtocolConfig``): ``EXP_CLAMP_MIN``,
+``EXP_HALVINGS``, ``RECIP_NR_ITERS``, ``SIGMOID_CLAMP``, ``SIGMOID_NR_ITERS``, ``INV_SQRT_RANGE_LOG2``,
+``INV_SQRT_NR_ITERS``, ``NORM_FINE_LOG2``, ``NORM_COARSE_LOG2``, ``NORM_SWITCH``, ``MASK_FILL``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from protocols.compat import MPCTensor, crypten
+from protocols.selection import mul_public_int, tree_max
+from protocols.types import Public, Secret
+
+EXP_CLAMP_MIN = -32.0        # exp inputs below this are clamped (e^-32 ≈ 1e-14 is 0 in fixed point)
+EXP_HALVINGS = 5             # e^x = (e^(x/2^5))^(2^5); Taylor base needs x/2^5 ∈ [-1, 0.25]
+EXP_TAYLOR_DEGREE = 8
+RECIP_NR_ITERS = 4           # softmax 1/Σ: initial rel. error ≤ 0.414 → 0.414^16 ≈ 7e-7
+SIGMOID_CLAMP = 32.0         # σ(±32) = 1 − 1.3e-14 / 1.3e-14
+SIGMOID_NR_ITERS = 2         # 1/(1+e^-|x|) on [1, 2]: rel. error 1/17 → 1.2e-5
+INV_SQRT_RANGE_LOG2 = (-12, 12)
+INV_SQRT_NR_ITERS = 3        # initial rel. error ≤ 0.19 → 3e-5
+NORM_FINE_LOG2 = 2           # fine path squares 4·x (precision for tiny activations)
+NORM_COARSE_LOG2 = 6         # coarse path squares x/64 (safe for |x| ≤ 2^15)
+NORM_SWITCH = 16.0           # use the coarse path when mean(x²) > this
+MASK_FILL = 1024.0           # masked logits become −MASK_FILL before the row max (real logits must be > −1024)
+
+
+def _weighted_bits(bits: Secret, coefs: list[float], scale: int) -> Secret:
+    """``Σ_j [b_j]·c_j`` over the last dim of scale-1 bits, exact (integer share arithmetic)."""
+    weights = torch.tensor([round(c * scale) for c in coefs], dtype=torch.long)
+    return MPCTensor.from_shares((bits.share * weights).sum(-1))
+
+
+def _octave_thresholds(lo: int, hi: int) -> torch.Tensor:
+    """Public thresholds 2^(lo+1) … 2^(hi−1) separating the octaves [2^j, 2^(j+1)), j ∈ [lo, hi)."""
+    return torch.tensor([2.0**j for j in range(lo + 1, hi)])
+
+
+def _octave_value(bits: Secret, lo: int, hi: int, value_at, scale: int) -> Secret:
+    """``value_at(j)`` on the octave selected by ``bits`` = [x ≥ 2^(lo+1)], …, [x ≥ 2^(hi−1)]."""
+    steps = [value_at(j) - value_at(j - 1) for j in range(lo + 1, hi)]
+    return _weighted_bits(bits, steps, scale) + value_at(lo)
+
+
+def _octave_guess(x: Secret, lo: int, hi: int, value_at) -> Secret:
+    """Piecewise-constant ``[y0]``: ``value_at(j)`` on [2^j, 2^(j+1)), j ∈ [lo, hi), from one
+    batched comparison; inputs outside [2^lo, 2^hi) get the end octaves' values."""
+    if hi - lo <= 1:
+        return x * 0 + value_at(lo)
+    bits = (x.unsqueeze(-1) - _octave_thresholds(lo, hi)).ge(0)  # (..., hi−lo−1)
+    return _octave_value(bits, lo, hi, value_at, x.encoder.scale)
+
+
+def exp(x: Secret, clamp: bool = True) -> Secret:
+    """``[e^x]``.
+
+    Steps: 1. (clamp) ``[x] ← m + ReLU([x] − m)``, m = EXP_CLAMP_MIN (1 cmp + 1 mul).
+    2. ``[y] = [x]/32`` (local). 3. ``[p] = Σ_{k≤8} [y]^k/k!`` (powers in 3 rounds).
+    4. square 5 times.
+    Public: shape. Cost: 8 rounds and 12·n mul (+ 9 rounds, n cmp + n mul with clamp).
+    Error: relative ≤ 1e-3 (fixed-point rounding of the base, amplified 32×) on [−32, 8];
+    absolute ≤ 1e-6 below −16. Without ``clamp`` the domain is [−32, 8]; beyond it the Taylor base
+    diverges. With ``clamp`` any x ≤ 8 is safe (inputs < −32 give ≈ 0).
+    Config: EXP_CLAMP_MIN, EXP_HALVINGS, EXP_TAYLOR_DEGREE.
+    """
+    if clamp:
+        u = x - EXP_CLAMP_MIN
+        x = u * u.ge(0) + EXP_CLAMP_MIN
+    y = x.div(2**EXP_HALVINGS)
+    powers = [y, y.square()]
+    while len(powers) < EXP_TAYLOR_DEGREE:  # double the known powers each round
+        top, have = powers[-1], len(powers)
+        need = min(have, EXP_TAYLOR_DEGREE - have)
+        prods = crypten.stack([top] * need) * crypten.stack(powers[:need])
+        powers += [prods[i] for i in range(need)]
+    result = 1 + y
+    for k, p in enumerate(powers[1:], start=2):
+        result = result + p.mul(1.0 / math.factorial(k))
+    for _ in range(EXP_HALVINGS):
+        result = result.square()
+    return result
+
+
+def _reciprocal_scaled(s: Secret, n: int, iters: int = RECIP_NR_ITERS) -> Secret:
+    """``[z] ≈ n / [s]`` for s ∈ [1, n] (kept in [1, n] so it has full fixed-point precision).
+
+    Octave guess z0 = n·2^−(j+½) on [2^j, 2^(j+1)), then z ← z·(2 − s·z/n).
+    Cost: 1 cmp on ⌈log2 n⌉−1 thresholds + 2·iters mul rounds. Error: rel. ≤ 0.414^(2^iters).
+    """
+    hi = max(1, math.ceil(math.log2(n)))
+    z = _octave_guess(s, 0, hi, lambda j: n * 2.0 ** -(j + 0.5))
+    for _ in range(iters):
+        z = z * (2 - (s * z).div(n))
+    return z
+
+
+def softmax(x: Secret, dim: int = -1, mask: Public | None = None) -> Secret:
+    """``[softmax(x)]`` along ``dim``, optionally restricted to a public 0/1 keep-mask.
+
+    Steps: 1. masked logits ``[x'] = m·[x] − (1−m)·MASK_FILL`` (local, exact). 2. ``[μ]`` = row max
+    (knockout tree). 3. ``[e] = m · exp([x'] − [μ])`` (clamped at −32, so the exp never leaves its
+    domain whatever the mask or the logit spread). 4. ``[s] = Σ[e]`` ∈ [1, n]. 5. ``[z] ≈ n/[s]``
+    (kept in [1, n]: the "(sum/N)" fix, precise for flat *and* peaked rows). 6. ``[e]·[z]/n``.
+    Public: shape, mask (e.g. causal). Every row must keep at least one entry; real logits > −1024.
+    Cost (n = row length ≥ 3, R rows): 9·⌈log2 n⌉ (max) + 9 (clamp) + 8 (exp) + 16 (reciprocal) + 1
+    = 9·⌈log2 n⌉ + 34 rounds (n = 256: 106, measured; n = 8192: 151);
+    bytes ≈ 1.25 kB·n·R per party (measured: 2 rows of 2048 → 5.1 MB).
+    Error: max abs 2e-3 on rows of length 1–8192, flat or peaked, logits in [−1000, 1000]
+    (dominated by exp's relative error on the largest entries).
+    Config: EXP_* , RECIP_NR_ITERS, MASK_FILL.
+    """
+    if mask is not None:
+        mask = torch.as_tensor(mask).long()
+        if not bool((mask.expand(x.size()).sum(dim) > 0).all()):
+            raise ValueError("softmax mask leaves a row with no kept entry")
+        x = mul_public_int(x, mask) + (mask.float() - 1) * MASK_FILL
+    n = x.size(dim)
+    e = exp(x - tree_max(x, dim, keepdim=True))
+    if mask is not None:
+        e = mul_public_int(e, mask)
+    z = _reciprocal_scaled(e.sum(dim, keepdim=True), n)
+    return (e * z).div(n)
+
+
+def sigmoid(x: Secret) -> Secret:
+    """``[σ(x)] = 1/(1 + e^−x)``.
+
+    Steps: 1. bits ``[x<0], [x<−B], [x>B]`` (1 batched cmp on 3n). 2. ``[a] = min(|x|, B)`` (1 mul
+    round). 3. ``[d] = 1 + exp(−[a])`` ∈ [1, 2]. 4. ``[r] ≈ 1/[d]`` by NR from r0 = 24/17 − 8d/17.
+    5. ``σ = [r] + [x<0]·(1 − 2[r])``.
+    Public: shape. Cost: 8 + 1 + 8 + 2·SIGMOID_NR_ITERS + 1 = 22 rounds; 3n cmp + ≈ 19n mul.
+    Error: max abs 2e-4 on all reals (B = SIGMOID_CLAMP = 32: σ is constant to 1e-14 beyond).
+    Config: SIGMOID_CLAMP, SIGMOID_NR_ITERS, EXP_*.
+    """
+    bound = SIGMOID_CLAMP
+    bits = crypten.stack([x, x + bound, bound - x]).lt(0)  # (3, ...): neg, below −B, above B
+    prods = bits * crypten.stack([x, -x - bound, x - bound])
+    a = x - prods[0] - prods[0] - prods[1] - prods[2]
+    d = 1 + exp(-a, clamp=False)
+    r = (24.0 / 17) - d.mul(8.0 / 17)
+    for _ in range(SIGMOID_NR_ITERS):
+        r = r * (2 - d * r)
+    return r + bits[0] * (1 - 2 * r)
+
+
+def silu(x: Secret) -> Secret:
+    """``[x·σ(x)]``. Cost: sigmoid + 1 mul round (23 rounds). Error: max abs 2e-4·(1 + |x|) on all
+    reals (measured SmolLM2 inputs: [−31, 50])."""
+    return x * sigmoid(x)
+
+
+def gelu_tanh(x: Secret) -> Secret:
+    """GPT-2's gelu_new, exactly ``x·σ(2√(2/π)(x + 0.044715x³))`` (= ½x(1 + tanh(…))).
+
+    Cost: 2 mul rounds (x², x³) + sigmoid + 1 mul = 25 rounds. Error: max abs 2e-4·(1 + |x|) for
+    |x| ≤ 40 (x³ must stay far below the fixed-point wrap).
+    """
+    inner = (x + x.square() * x * 0.044715) * (2 * math.sqrt(2 / math.pi))
+    return x * sigmoid(inner)
+
+
+def inv_sqrt(x: Secret, lo_log2: int = INV_SQRT_RANGE_LOG2[0], hi_log2: int = INV_SQRT_RANGE_LOG2[1],
+             iters: int = INV_SQRT_NR_ITERS) -> Secret:
+    """``[1/√x]`` for x ∈ [2^lo_log2, 2^hi_log2].
+
+    Steps: 1. octave guess y0 = 2^−(j+½)/2 on [2^j, 2^(j+1)) (1 batched cmp on hi−lo−1 thresholds).
+    2. NR ``y ← [y]·(1.5 − 0.5·([x][y])[y])`` (3 rounds each: [y]² alone would lose precision).
+    Public: shape, the range. Cost: 8 + 3·iters rounds (17 by default); (hi−lo−1)·n cmp + 3·iters·n mul.
+    Error: relative ≤ 2e-3 on [2^−8, 2^12] (NR: 3e-5; the rest is fixed-point rounding of x and of
+    y ≥ 2^−6); ≤ 5e-2 on [2^−12, 2^−8] (x itself has only 16–256 ulps there). Outside [2^lo, 2^hi] the guess is an end octave's and NR may diverge.
+    Config: INV_SQRT_RANGE_LOG2, INV_SQRT_NR_ITERS.
+    """
+    return _inv_sqrt_nr(x, _octave_guess(x, lo_log2, hi_log2, _inv_sqrt_at), iters)
+
+
+def _inv_sqrt_at(j: int) -> float:
+    return 2.0 ** (-(j + 0.5) / 2)
+
+
+def _inv_sqrt_nr(x: Secret, y: Secret, iters: int = INV_SQRT_NR_ITERS) -> Secret:
+    """NR ``y ← y·(1.5 − 0.5·(x·y)·y)``; products ordered so none falls to a few ulps (3 rounds)."""
+    for _ in range(iters):
+        y = y * (1.5 - ((x * y) * y).mul(0.5))
+    return y
+
+
+def _normalise(x: Secret, eps: float) -> Secret:
+    """``[x / √(mean(x²) + eps)]`` over the last dim, for |x| ≤ 2^15 and mean(x²) ∈ [1e-4, 2^24].
+
+    Two scalings: fine ``[u] = 4[x]`` (precise for tiny activations) and coarse ``[u] = [x]/64``
+    (its squares stay far from the 2-party truncation wrap even for SmolLM2's 2.4e4 outliers).
+    1. both mean squares in one product round; 2. one batched cmp: the switch bit
+    ``[mean(x²) > NORM_SWITCH]`` and both octave guesses; 3. one product round selects (u, ms, y0);
+    4. inv_sqrt NR; 5. ``[u]·[y]``.
+    """
+    fine = mul_public_int(x, 2**NORM_FINE_LOG2)
+    coarse = x.div(2**NORM_COARSE_LOG2)
+    sq = crypten.stack([fine, coarse]).square().mean(-1, keepdim=True)  # (2, ..., 1)
+    ms_f = sq[0] + eps * 4.0**NORM_FINE_LOG2
+    ms_c = sq[1] + eps * 4.0**-NORM_COARSE_LOG2
+    f_lo, f_hi = _FINE_OCTAVES
+    c_lo, c_hi = _COARSE_OCTAVES
+    switch = NORM_SWITCH * 4.0**-NORM_COARSE_LOG2
+    diffs = crypten.cat([ms_f - _octave_thresholds(f_lo, f_hi), ms_c - _octave_thresholds(c_lo, c_hi),
+                         ms_c - switch], dim=-1)
+    bits = diffs.ge(0)  # (..., J_f + J_c + 1)
+    n_f = f_hi - f_lo - 1
+    scale = x.encoder.scale
+    y_f = _octave_value(bits[..., :n_f], f_lo, f_hi, _inv_sqrt_at, scale).unsqueeze(-1)
+    y_c = _octave_value(bits[..., n_f:-1], c_lo, c_hi, _inv_sqrt_at, scale).unsqueeze(-1)
+    use_coarse = bits[..., -1:]
+    both_f = crypten.cat([fine, ms_f, y_f], dim=-1)
+    picked = both_f + use_coarse * (crypten.cat([coarse, ms_c, y_c], dim=-1) - both_f)
+    u, ms, y0 = picked[..., :-2], picked[..., -2:-1], picked[..., -1:]
+    return u * _inv_sqrt_nr(ms, y0)
+
+
+# Octave ranges (log2) of the two mean squares: fine 16·ms for ms ∈ [1e-4, 16]; coarse ms/4096 for
+# ms ∈ [16, 2^24].
+_FINE_OCTAVES = (-10, 9)
+_COARSE_OCTAVES = (-9, 13)
+
+
+def rms_norm(x: Secret, weight: Secret | Public, eps: float) -> Secret:
+    """``[x / √(mean(x²) + eps) · w]`` over the last dim (E), Llama's RMSNorm.
+
+    Public: shapes, eps (and w when public). Cost: 1 (squares) + 8 (cmp) + 1 (select) + 9 (NR) + 1
+    (+1 for a secret w) = 20–21 rounds; per row ≈ 4E mul + 41 cmp (E + 2 more mul for a secret w).
+    Error: relative to the row's max |output| ≤ 2e-3 for |x| ≤ 2^15 and mean(x²) ∈ [1e-4, 2^24] — this covers every norm of
+    SmolLM2-135M (mean squares 7e-3 … 1.0e6, |x| ≤ 2.4e4) and the tiny test models (2.6e-4 …).
+    Config: NORM_FINE_LOG2, NORM_COARSE_LOG2, NORM_SWITCH, INV_SQRT_NR_ITERS.
+    """
+    return _normalise(x, eps) * weight
+
+
+def layer_norm(x: Secret, weight: Secret | Public, bias: Secret | Public, eps: float) -> Secret:
+    """``[(x − μ)/√(var + eps) · w + b]`` over the last dim (E), GPT-2's LayerNorm.
+
+    Steps: ``[c] = [x] − mean([x])`` (local), then ``rms_norm``'s normalisation of ``[c]``.
+    Cost and error: as ``rms_norm`` with var in place of mean(x²).
+    """
+    centred = x - x.mean(-1, keepdim=True)
+    return _normalise(centred, eps) * weight + bias

@@ -1,0 +1,86 @@
+"""protocols.selection vs its plaintext twin (torch) on fresh random inputs, on real parties."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.protocols.conftest import run_on
+
+pytestmark = pytest.mark.mpc
+
+# (n, k): lengths that are and are not multiples of the cluster size 32; k ∈ {1, mid, n}
+CASES = [(1, 1), (2, 1), (7, 3), (31, 5), (32, 32), (33, 8), (64, 13), (100, 1), (100, 100)]
+
+
+def _distinct(gen, *shape):
+    """Random values, pairwise distinct (a random permutation scaled), so torch.topk is unique."""
+    return torch.stack([torch.randperm(shape[-1], generator=gen).float() * 0.37 - 5
+                        for _ in range(int(torch.tensor(shape[:-1]).prod()))]).view(*shape)
+
+
+def _job(seed: int, cases) -> dict[str, float]:
+    from protocols import selection as sel
+    from protocols.compat import crypten
+
+    gen = torch.Generator().manual_seed(seed)
+    enc = lambda t: crypten.cryptensor(t, src=0)  # noqa: E731
+    dec = lambda s: s.get_plain_text()  # noqa: E731
+    err = {}
+    for n, k in cases:
+        x = _distinct(gen, 2, 3, n)  # (B, H, n)
+        sx = enc(x)
+        top = x.topk(k, dim=-1).indices  # by value
+        ref_mask = torch.zeros_like(x).scatter(-1, top, 1)
+        err[f"mask n={n} k={k}"] = (dec(sel.topk_mask(sx, k)) - ref_mask).abs().max().item()
+        by_pos = F.one_hot(top.sort(-1).values, n).float()  # (B, H, k, n)
+        err[f"onehot pos n={n} k={k}"] = (dec(sel.topk_onehot(sx, k)) - by_pos).abs().max().item()
+        by_val = F.one_hot(top, n).float()
+        got = dec(sel.topk_onehot(sx, k, sort_by_index=False))
+        err[f"onehot val n={n} k={k}"] = (got - by_val).abs().max().item()
+        v = torch.randn(2, 3, n, 4, generator=gen)
+        kept = dec(sel.compact(sel.topk_onehot(sx, k), enc(v)))
+        ref = torch.gather(v, 2, top.sort(-1).values.unsqueeze(-1).expand(-1, -1, -1, 4))
+        err[f"compact n={n} k={k}"] = (kept - ref).abs().max().item() - 2e-5  # encoding of v
+        err[f"argmax n={n}"] = (dec(sel.argmax_onehot(sx)) - F.one_hot(x.argmax(-1), n).float()).abs().max().item()
+        err[f"tree_max n={n}"] = (dec(sel.tree_max(sx, dim=-1)) - x.amax(-1)).abs().max().item() - 2e-5
+    # ties: exactly one 1 at the lowest tied index; exactly k ones in the mask
+    t = torch.randint(0, 3, (4, 17), generator=gen).float()
+    oh = dec(sel.argmax_onehot(enc(t)))
+    first = (t == t.amax(-1, keepdim=True)).float().argmax(-1)
+    err["argmax ties"] = (oh - F.one_hot(first, 17).float()).abs().max().item()
+    err["topk ties count"] = (dec(sel.topk_mask(enc(t), 6)).sum(-1) - 6).abs().max().item()
+    # dims other than the last, and a 0-d input
+    x = _distinct(gen, 5, 9).T.contiguous()  # (9, 5): argmax over dim 0
+    err["argmax dim0"] = (dec(sel.argmax_onehot(enc(x), dim=0)) - F.one_hot(x.argmax(0), 9).float().T).abs().max().item()
+    err["topk dim0"] = (dec(sel.topk_mask(enc(x), 4, dim=0)) - torch.zeros_like(x).scatter(0, x.topk(4, 0).indices, 1)).abs().max().item()
+    err["argmax 0-d"] = abs(dec(sel.argmax_onehot(enc(torch.tensor(3.0)))).item() - 1)
+    return err
+
+
+def _reveal_job() -> tuple[list, int, list]:
+    from protocols import selection as sel
+    from protocols.compat import comm, crypten
+
+    sel.reset_reveals()
+    x = crypten.cryptensor(torch.arange(6.0), src=0)
+    got = sel.reveal_to(x, dst=1)
+    return [None if got is None else got.tolist()], sel.reveal_count(), sel.reveal_log() + [comm.get().get_rank()]
+
+
+def _check(err, seed):
+    bad = {k: v for k, v in err.items() if v > 1e-6}
+    assert not bad, f"seed={seed}: selection differs from torch: {bad}"
+
+
+def test_selection_matches_torch(seed):
+    _check(run_on("TFP", _job, seed, CASES, timeout=300)[0], seed)
+
+
+def test_selection_with_dealer(seed):
+    _check(run_on("dealer", _job, seed, CASES[:4], timeout=300)[0], seed)
+
+
+def test_reveal_to_one_party_is_counted():
+    (r0, r1) = run_on("TFP", _reveal_job)
+    assert r0[0] == [None] and r1[0] == [[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]]
+    assert r0[1] == r1[1] == 1
+    assert r0[2][:1] == [(1, (6,))]
