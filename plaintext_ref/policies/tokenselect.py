@@ -67,7 +67,8 @@ class TokenSelect(KVPolicy):
         if min(self.n_init, self.n_local, self.top_k) < 0 or self.pool_kernel < 1:
             raise ValueError(f"TokenSelect needs n_init, n_local, top_k >= 0 and pool_kernel >= 1; got "
                              f"{self.n_init}, {self.n_local}, {self.top_k}, {self.pool_kernel}")
-        total = Budget(tokens=self.n_init + self.top_k + self.n_local) if self.budget is None else Budget.of(self.budget)
+        default = Budget(tokens=self.n_init + self.top_k + self.n_local)
+        total = default if self.budget is None else Budget.of(self.budget)
         self.budget = replace(total, protect_sink=self.n_init, protect_recent=self.n_local)
 
     def select(self, ctx: StepCtx, kv: LayerKV) -> Tensor | None:
