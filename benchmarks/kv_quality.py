@@ -28,6 +28,10 @@ from plaintext_ref.policies import POLICIES
 log = logging.getLogger("kv_quality")
 REPORTS = Path(__file__).resolve().parent / "reports"
 TASKS = "passkey,niah,niah_multikey,vt,cwe,ppl,fidelity"
+# Per-method settings for a short (<= 8K) context, each with its reason.
+POLICY_ARGS: dict[str, dict] = {
+    "shadowkv": {"min_prompt": 0},  # the paper's default leaves prompts <= 4096 tokens dense
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,7 +63,7 @@ def run_cell(model, tok, name: str, budget: float | None, args, corpus_ids) -> d
     """All tasks for one (method, budget); a method that raises is recorded, not fatal."""
     row: dict = {"policy": name, "budget": budget, "scores": {}, "seconds": 0.0}
     try:
-        make = policy_factory(name, budget)
+        make = policy_factory(name, budget, **POLICY_ARGS.get(name, {}))
         for task in args.tasks.split(","):
             if task in PROSE_TASKS and corpus_ids is None:
                 continue

@@ -12,23 +12,29 @@ from plaintext_ref.policies.base import (
     Scorer,
     StepCtx,
     TopKEviction,
+    compact,
     gather_kv,
     gqa_aggregate,
     protected_slots,
     window_attention,
 )
 from plaintext_ref.policies.delta import DELTA
+from plaintext_ref.policies.expected_attention import ExpectedAttention
 from plaintext_ref.policies.full import FullCache
 from plaintext_ref.policies.h2o import H2O
+from plaintext_ref.policies.keyformer import Keyformer
 from plaintext_ref.policies.knorm import KNorm
 from plaintext_ref.policies.mpcache import MPCache
 from plaintext_ref.policies.pyramidkv import PyramidKV
 from plaintext_ref.policies.quest import Quest
+from plaintext_ref.policies.razor_attention import RazorAttention
 from plaintext_ref.policies.shadowkv import ShadowKV
 from plaintext_ref.policies.snapkv import SnapKV
 from plaintext_ref.policies.streaming_llm import StreamingLLM
+from plaintext_ref.policies.think import ThinK
 from plaintext_ref.policies.tokenselect import TokenSelect
 from plaintext_ref.policies.tova import TOVA
+from plaintext_ref.policies.windowkv import WindowKV
 
 POLICIES: dict[str, type[KVPolicy]] = {}
 
@@ -52,6 +58,11 @@ register("quest", Quest)
 register("tokenselect", TokenSelect)
 register("shadowkv", ShadowKV)
 register("delta", DELTA)
+register("keyformer", Keyformer)
+register("expected_attention", ExpectedAttention)
+register("think", ThinK)
+register("razor_attention", RazorAttention)
+register("windowkv", WindowKV)
 
 
 def get_policy(name: str, **kwargs) -> KVPolicy:
@@ -61,6 +72,7 @@ def get_policy(name: str, **kwargs) -> KVPolicy:
     return POLICIES[name](**kwargs)
 
 
-__all__ = ["Budget", "DELTA", "FullCache", "H2O", "KNorm", "KVPolicy", "LayerKV", "MPCache", "POLICIES", "PyramidKV",
-           "Quest", "Scorer", "ShadowKV", "SnapKV", "StepCtx", "StreamingLLM", "TOVA", "TokenSelect", "TopKEviction",
-           "gather_kv", "get_policy", "gqa_aggregate", "protected_slots", "register", "window_attention"]
+__all__ = ["Budget", "DELTA", "ExpectedAttention", "FullCache", "H2O", "KNorm", "KVPolicy", "Keyformer", "LayerKV",
+           "MPCache", "POLICIES", "PyramidKV", "Quest", "RazorAttention", "Scorer", "ShadowKV", "SnapKV", "StepCtx",
+           "StreamingLLM", "TOVA", "ThinK", "TokenSelect", "TopKEviction", "WindowKV", "compact", "gather_kv",
+           "get_policy", "gqa_aggregate", "protected_slots", "register", "window_attention"]

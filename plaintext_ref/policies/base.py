@@ -123,6 +123,9 @@ class KVPolicy:
 
     needs: frozenset[str] = frozenset()
 
+    def post_init_from_model(self, model: nn.Module) -> None:
+        """Called by ``RefCache`` with the model before ``reset`` (kvpress's hook; e.g. head calibration)."""
+
     def reset(self) -> None:
         """Called when a new sequence starts."""
 
@@ -242,6 +245,21 @@ def gather_kv(kv: LayerKV, idx: Tensor) -> LayerKV:
         return x.gather(2, index)
     return LayerKV(take(kv.k), take(kv.v), take(kv.pos), take(kv.valid), take(kv.bias),
                    kv.k_channel_mask, {key: take(val) for key, val in kv.aux.items()})
+
+
+def compact(kv: LayerKV, keep: Tensor) -> LayerKV:
+    """Order-preserving gather of the slots where keep (B, Hkv, T) is True; rows may keep different counts.
+
+    Every (B, Hkv) row gets K = max kept count slots: its kept slots in time order, padded with its earliest
+    dropped slots, which are marked invalid. Returns ``kv`` itself when every slot is kept.
+    """
+    n_keep = int(keep.sum(dim=-1).max())
+    if n_keep == kv.n:
+        return replace(kv, valid=kv.valid_mask() & keep) if not bool(keep.all()) else kv
+    order = (~keep).to(torch.int8).argsort(dim=-1, stable=True)[..., :n_keep]   # kept first, then dropped
+    idx = order.sort(dim=-1).values                                             # (B, Hkv, K)
+    out = gather_kv(kv, idx)
+    return replace(out, valid=out.valid_mask() & keep.gather(2, idx))
 
 
 def protected_slots(valid: Tensor, n_sink: int, n_recent: int) -> Tensor:
