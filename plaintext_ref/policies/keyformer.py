@@ -1,0 +1,121 @@
+"""Keyformer: key tokens by an annealed Gumbel-softmax score (Adnan et al., MLSys 2024, arXiv 2403.09054).
+
+Rule: every slot accumulates, per head, the Gumbel-softmax of the logits it receives,
+f_j ← f_j + Σ_i softmax_j((z_ij + G_ij) / τ_t), G = −log(−log U), U ~ U(0, 1) i.i.d., z the scaled
+pre-softmax logits; τ_t = τ_init + t·Δτ with t the layer's forward count (0 for the prompt). The budget
+K = int(n_prompt·kv_cache) is fixed after the prompt; whenever a layer holds more than K slots it keeps the
+⌊K·recent⌋ most recent slots plus the top K − ⌊K·recent⌋ older slots by f. Evicted slots take f with them.
+
+Defaults (d-matrix-ai/keyformer-llm, ``GPTJAttention._attn`` and its run scripts): kv_cache = 0.6 of the
+prompt (``--kv_cache 60``; the paper mostly reports 50%), recent = 0.3 of the budget (``--recent 30``),
+τ_init = 1.0, Δτ = 0.01 (the paper anneals τ from 1 to 2 over the generation).
+
+Deviations:
+1. Scores are kept per batch row; the original sums them over the batch (``gumbel_score.sum(0)``).
+2. Evicted slots are removed (gather) instead of masked with ``token_discard_mask``; the attention over
+   the kept slots and the scores are the same.
+3. Eviction follows the step's attention (the runtime's timing): the cache holds K slots between steps and
+   a step attends K + 1; the original evicts so that K includes the next token (one fewer old slot).
+4. Queries on left-padding slots add nothing to the scores.
+5. The noise comes from a ``torch.Generator`` seeded with ``seed`` at every ``reset`` (new sequence), so
+   runs are reproducible; ``gumbel=False`` sets G ≡ 0 (with Δτ = 0 and τ_init = 1 this is H2O).
+
+GQA: scores are accumulated per query head and reduced over the group with ``gqa_agg`` (mean, max or sum)
+at each eviction (the released models are MHA). Needs: the scaled logits of every forward
+(``needs = {"logits"}``), hence the eager reference attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from plaintext_ref.policies.base import Budget, LayerKV, StepCtx, TopKEviction, protected_slots
+
+ACC = "keyformer_acc"     # LayerKV.aux: (B, Hkv, T, G) accumulated Gumbel-softmax score per query head
+STEP = "keyformer_step"   # LayerKV.aux: int, forwards seen by the layer (t in τ_t)
+
+
+@dataclass
+class Keyformer(TopKEviction):
+    """Keyformer: recent window plus key tokens chosen by an accumulated, annealed Gumbel-softmax score.
+
+    Parameters
+    ----------
+    budget : float fraction of the prompt kept (default 0.6), int tokens, or Budget.
+    recent_fraction : float in [0, 1], default 0.3, share of the budget given to the most recent slots.
+    tau_init : float > 0, default 1.0, temperature of the prompt forward.
+    tau_delta : float >= 0, default 0.01, temperature increase per forward.
+    gumbel : bool, default True; False drops the noise (G ≡ 0).
+    seed : int, default 0, seed of the noise generator (re-seeded at every new sequence).
+    evict_on : "both" (default, the paper), "decode" or "prefill".
+    """
+
+    needs = frozenset({"logits"})
+
+    budget: Budget | int | float | None = 0.6
+    recent_fraction: float = 0.3
+    tau_init: float = 1.0
+    tau_delta: float = 0.01
+    gumbel: bool = True
+    seed: int = 0
+    evict_on: Literal["prefill", "decode", "both"] = "both"
+    _generators: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.recent_fraction <= 1.0:
+            raise ValueError(f"Keyformer.recent_fraction must lie in [0, 1], got {self.recent_fraction}")
+        if self.tau_init <= 0 or self.tau_delta < 0:
+            raise ValueError(f"Keyformer needs tau_init > 0 and tau_delta >= 0, got {self.tau_init}, {self.tau_delta}")
+        if self.granularity == "q_head" or self.head_adaptive:
+            raise ValueError("Keyformer supports granularity 'kv_head' or 'layer' and no head_adaptive")
+        super().__post_init__()
+
+    def reset(self) -> None:
+        self._generators.clear()
+
+    def on_prefill(self, ctx: StepCtx, kv: LayerKV) -> LayerKV:
+        self._accumulate(ctx, kv)
+        return super().on_prefill(ctx, kv)
+
+    def on_append(self, ctx: StepCtx, kv: LayerKV) -> LayerKV:
+        self._accumulate(ctx, kv)
+        return super().on_append(ctx, kv)
+
+    def temperature(self, t: int) -> float:
+        """τ_t = τ_init + t·Δτ."""
+        return self.tau_init + t * self.tau_delta
+
+    def gumbel_noise(self, shape: torch.Size, device: torch.device) -> Tensor:
+        """G = −log E, E ~ Exp(1) (≡ −log(−log U)), from this sequence's generator on ``device``."""
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device).manual_seed(self.seed)
+        return -torch.empty(shape, device=device).exponential_(generator=gen).log()
+
+    def _accumulate(self, ctx: StepCtx, kv: LayerKV) -> None:
+        """Add this forward's Gumbel-softmax column sums over real queries to ``kv.aux[ACC]``."""
+        b, h, s, t = ctx.logits.shape
+        hkv = kv.k.shape[1]
+        step = kv.aux.get(STEP, 0)
+        z = ctx.logits if not self.gumbel else ctx.logits + self.gumbel_noise(ctx.logits.shape, ctx.logits.device)
+        probs = (z / self.temperature(step)).softmax(dim=-1).nan_to_num(0.0)      # (B, H, S, T)
+        real = kv.valid_mask()[:, 0, -s:].to(probs.dtype)                           # (B, S) the new slots
+        received = (probs * real[:, None, :, None]).sum(dim=2)                      # (B, H, T)
+        received = received.view(b, hkv, h // hkv, t).transpose(2, 3)               # (B, Hkv, T, G)
+        old = kv.aux.get(ACC)
+        kv.aux[ACC] = received if old is None else received + F.pad(old, (0, 0, 0, t - old.shape[2]))
+        kv.aux[STEP] = step + 1
+
+    def score(self, ctx: StepCtx, kv: LayerKV) -> Tensor:
+        """(B, H, T) accumulated score per query head; the base reduces it over the GQA group."""
+        acc = kv.aux[ACC]                                                            # (B, Hkv, T, G)
+        b, hkv, t, g = acc.shape
+        return acc.transpose(2, 3).reshape(b, hkv * g, t)
+
+    def protected(self, valid: Tensor, keep: int) -> Tensor:
+        """The ⌊keep·recent_fraction⌋ most recent valid slots."""
+        return protected_slots(valid, 0, int(keep * self.recent_fraction))
