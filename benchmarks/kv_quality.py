@@ -31,6 +31,11 @@ TASKS = "passkey,niah,niah_multikey,vt,cwe,ppl,fidelity"
 # Per-method settings for a short (<= 8K) context, each with its reason.
 POLICY_ARGS: dict[str, dict] = {
     "shadowkv": {"min_prompt": 0},  # the paper's default leaves prompts <= 4096 tokens dense
+    "razor_attention": {"min_window": 0},  # the paper's 4000-token floor would leave 4K prompts whole
+}
+# Methods whose `budget` is not a token fraction (stated in the report).
+BUDGET_MEANING: dict[str, str] = {
+    "think": "fraction of key channels kept (all tokens kept)",
 }
 
 
@@ -90,7 +95,9 @@ def to_markdown(report: dict) -> str:
              f"seed {report['config']['seed']}. Budget = fraction of the context kept (attended for "
              "selection methods). passkey/niah/niah_multikey/vt/cwe: accuracy (string match); ppl: "
              "perplexity (lower is better); fidelity: teacher-forced KL(full ‖ method) (lower is better) "
-             "and top-1 agreement with the full cache.",
+             "and top-1 agreement with the full cache. "
+             + " ".join(f"{k}: budget = {v}." for k, v in BUDGET_MEANING.items())
+             + " Per-method settings: " + ", ".join(f"{k} {v}" for k, v in POLICY_ARGS.items()) + ".",
              "",
              "| method | budget | " + " | ".join(cols) + " | seconds |",
              "|---|---|" + "---|" * len(cols) + "---|"]

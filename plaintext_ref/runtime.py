@@ -112,6 +112,7 @@ class RefCache(Cache):
         self.rope = _rope_for(model)
         self.phase: list[Phase | None] = [None] * self.num_layers   # of each layer's current forward
         self.n_old: list[int] = [0] * self.num_layers                # slots before its current append
+        self.policy.post_init_from_model(model)
         self.policy.reset()
 
     def kv(self, layer_idx: int) -> LayerKV | None:
