@@ -1,0 +1,385 @@
+"""Secret-shared decoder transformers: the Llama family and the GPT-2 family, on CrypTen shares.
+
+Follows gpt-fast's ``model.py`` with shared tensors: ``SecureTransformer`` → ``SecureBlock`` →
+``SecureAttention`` / ``SecureMLP`` / ``SecureRMSNorm`` | ``SecureLayerNorm``, in the same order of
+operations as the HF implementations (``LlamaForCausalLM``, ``GPT2LMHeadModel``). Weights are shared
+by the model owner (``share_model``) as fixed-mask operands, so every weight matmul opens only its
+activation side; tokens arrive as secret one-hot rows (the embedding is ``[onehot] @ E``), positions
+are public. Public: ``ModelArgs`` (architecture, shapes), sequence lengths, positions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mpcache.cache import FullCachePolicy, KVPolicy, Meter, SecretKVCache
+from plaintext_ref.models import max_context, model_family
+from protocols.compat import comm, crypten
+from protocols.fixed_mask import FixedMaskOperand, fixed_matmul
+from protocols.nonlinear import gelu_tanh, layer_norm, rms_norm, silu
+from protocols.types import Public, Secret
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Public architecture of a decoder, derived from its HF config (``from_hf``).
+
+    family: "llama" (RMSNorm, RoPE, GQA, SwiGLU) or "gpt2" (LayerNorm, learned positions, GELU-tanh).
+    """
+
+    family: str
+    vocab_size: int  # V
+    dim: int  # E
+    n_layers: int  # L
+    n_heads: int  # H
+    n_kv_heads: int  # Hkv
+    head_dim: int  # D
+    hidden_dim: int  # F
+    norm_eps: float
+    max_seq_len: int
+    rope_theta: float = 10000.0
+    qkv_bias: bool = False
+    tie_embeddings: bool = True  # LM head = token embedding (one operand serves both)
+
+    def __post_init__(self) -> None:
+        if self.family not in ("llama", "gpt2"):
+            raise ValueError(f"family must be 'llama' or 'gpt2', got {self.family!r}")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "hidden_dim", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even (RoPE halves), got {self.head_dim}")
+
+    @property
+    def n_groups(self) -> int:  # G = H / Hkv
+        return self.n_heads // self.n_kv_heads
+
+    @classmethod
+    def from_hf(cls, config) -> ModelArgs:
+        family = model_family(config)
+        if family == "gpt2":
+            act = getattr(config, "activation_function", "gelu_new")
+            if act not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise ValueError(f"GPT-2 activation {act!r} unsupported (only the tanh GELU)")
+            return cls("gpt2", config.vocab_size, config.n_embd, config.n_layer, config.n_head,
+                       config.n_head, config.n_embd // config.n_head,
+                       config.n_inner or 4 * config.n_embd, config.layer_norm_epsilon,
+                       max_context(config), qkv_bias=True,
+                       tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)))
+        rope = getattr(config, "rope_parameters", None) or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"rope_type {rope['rope_type']!r} unsupported (only 'default')")
+        if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "mlp_bias", False):
+            raise ValueError("only SiLU MLPs without bias are supported in the Llama family")
+        return cls("llama", config.vocab_size, config.hidden_size, config.num_hidden_layers,
+                   config.num_attention_heads, config.num_key_value_heads,
+                   getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+                   config.intermediate_size, config.rms_norm_eps, max_context(config),
+                   rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
+                   qkv_bias=config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
+                   tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+
+
+def _linear(x: Secret, w: FixedMaskOperand, b: Secret | None) -> Secret:
+    """[x] [W]ᵀ (+ [b]), W in nn.Linear layout (out, in): (..., in) -> (..., out)."""
+    y = fixed_matmul(x, w, transpose_w=True)
+    return y if b is None else y + b
+
+
+Rope = tuple[torch.Tensor, torch.Tensor] | None  # public cos, sin (S, D); None for GPT-2
+
+
+class SecureRMSNorm:
+    def __init__(self, weight: Secret, eps: float) -> None:
+        self.weight, self.eps = weight, eps
+
+    def __call__(self, x: Secret) -> Secret:  # (B, S, E) -> (B, S, E)
+        return rms_norm(x, self.weight, self.eps)
+
+
+class SecureLayerNorm:
+    def __init__(self, weight: Secret, bias: Secret, eps: float) -> None:
+        self.weight, self.bias, self.eps = weight, bias, eps
+
+    def __call__(self, x: Secret) -> Secret:  # (B, S, E) -> (B, S, E)
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def rope_tables(args: ModelArgs, input_pos: Public) -> tuple[torch.Tensor, torch.Tensor]:
+    """Public cos, sin (S, D) for positions input_pos (S,), HF's default RoPE (halves layout)."""
+    steps = torch.arange(0, args.head_dim, 2, dtype=torch.float64, device=input_pos.device)
+    inv_freq = 1.0 / (args.rope_theta ** (steps / args.head_dim))
+    angles = input_pos.to(torch.float64)[:, None] * inv_freq[None, :]  # (S, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (S, D)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Secret, cos: torch.Tensor, sin: torch.Tensor) -> Secret:
+    """[x]·cos + rotate_half([x])·sin with public cos, sin (S, D); x (B, heads, S, D). Local."""
+    half = x.shape[-1] // 2
+    rotated = crypten.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class SecureAttention:
+    def __init__(self, args: ModelArgs, layer: int, wqkv: FixedMaskOperand, bqkv: Secret | None,
+                 wo: FixedMaskOperand, bo: Secret | None, policy: KVPolicy, meter: Meter) -> None:
+        self.args, self.layer, self.policy, self.meter = args, layer, policy, meter
+        self.wqkv, self.bqkv, self.wo, self.bo = wqkv, bqkv, wo, bo
+        self.cache = SecretKVCache()
+
+    def __call__(self, x: Secret, rope: Rope, mask: Public | None) -> Secret:
+        """x (B, S, E) -> (B, S, E); appends the S new K/V rows, then one call into the policy."""
+        a = self.args
+        B, S, _ = x.shape
+        H, Hkv, D, G = a.n_heads, a.n_kv_heads, a.head_dim, a.n_groups
+        with self.meter.stage("qkv"):
+            qkv = _linear(x, self.wqkv, self.bqkv)  # (B, S, E) -> (B, S, (H + 2Hkv)·D)
+        q = qkv[..., : H * D].reshape(B, S, H, D).transpose(1, 2)  # (B, H, S, D)
+        k = qkv[..., H * D: (H + Hkv) * D].reshape(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+        v = qkv[..., (H + Hkv) * D:].reshape(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+        if rope is not None:
+            with self.meter.stage("rope"):
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        with self.meter.stage("attention"):
+            self.cache.append(k, v)
+        q = (q * (1.0 / math.sqrt(D))).reshape(B, Hkv, G * S, D)  # query heads h = kv·G + g
+        y = self.policy.attend(self.layer, q, self.cache, mask)  # (B, Hkv, G·S, D)
+        y = y.reshape(B, H, S, D).transpose(1, 2).reshape(B, S, H * D)
+        with self.meter.stage("attention"):
+            return _linear(y, self.wo, self.bo)  # (B, S, H·D) -> (B, S, E)
+
+
+class SecureMLP:
+    """Llama: down(silu(gate(x)) · up(x)) with gate|up fused; GPT-2: proj(gelu_tanh(fc(x)))."""
+
+    def __init__(self, args: ModelArgs, w_in: FixedMaskOperand, b_in: Secret | None,
+                 w_out: FixedMaskOperand, b_out: Secret | None, meter: Meter) -> None:
+        self.args, self.meter = args, meter
+        self.w_in, self.b_in, self.w_out, self.b_out = w_in, b_in, w_out, b_out
+
+    def __call__(self, x: Secret) -> Secret:
+        F = self.args.hidden_dim
+        with self.meter.stage("mlp"):
+            h = _linear(x, self.w_in, self.b_in)  # (B, S, E) -> (B, S, 2F) llama | (B, S, F) gpt2
+            h = silu(h[..., :F]) * h[..., F:] if self.args.family == "llama" else gelu_tanh(h)
+            return _linear(h, self.w_out, self.b_out)  # (B, S, F) -> (B, S, E)
+
+
+Norm = SecureRMSNorm | SecureLayerNorm
+
+
+class SecureBlock:
+    def __init__(self, attention_norm: Norm, attention: SecureAttention, ffn_norm: Norm, mlp: SecureMLP,
+                 meter: Meter) -> None:
+        self.attention_norm, self.attention, self.ffn_norm, self.mlp = attention_norm, attention, ffn_norm, mlp
+        self.meter = meter
+
+    def __call__(self, x: Secret, rope: Rope, mask: Public | None) -> Secret:  # (B, S, E) -> (B, S, E)
+        with self.meter.stage("norm"):
+            xn = self.attention_norm(x)
+        h = x + self.attention(xn, rope, mask)
+        with self.meter.stage("norm"):
+            hn = self.ffn_norm(h)
+        return h + self.mlp(hn)
+
+
+class SecureTransformer:
+    """Decoder on shares; ``forward`` consumes secret one-hot tokens and fills the per-layer caches."""
+
+    def __init__(self, args: ModelArgs, tok_embeddings: FixedMaskOperand, pos_embeddings: Secret | None,
+                 layers: list[SecureBlock], norm: Norm, output: FixedMaskOperand, meter: Meter) -> None:
+        self.args, self.tok_embeddings, self.pos_embeddings = args, tok_embeddings, pos_embeddings
+        self.layers, self.norm, self.output, self.meter = layers, norm, output, meter
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.device
+
+    @property
+    def cache_length(self) -> int:
+        return self.layers[0].attention.cache.length
+
+    def reset_caches(self) -> None:
+        """Drop every layer's KV cache (a new conversation; the shared weights stay)."""
+        for block in self.layers:
+            block.attention.cache = SecretKVCache()
+
+    def forward(self, onehot: Secret, input_pos: Public,
+                hidden_states: list[Secret] | None = None) -> Secret:
+        """[onehot] (B, S, V) at public positions input_pos (S,) -> last-position [logits] (B, 1, V).
+
+        Appends the S tokens to every layer's cache. ``hidden_states``, when given, receives the
+        residual stream after the embedding and after each block (B, S, E) (for tests).
+        """
+        S, T = onehot.shape[1], self.cache_length + onehot.shape[1]
+        # positions are logical: a policy may have evicted cached tokens (static eviction), never added
+        assert int(input_pos[-1]) >= T - 1, f"positions {input_pos.tolist()} end before cache length {T - 1}"
+        input_pos = input_pos.to(self.device)
+        with self.meter.stage("embedding"):
+            x = fixed_matmul(onehot, self.tok_embeddings)  # (B, S, V) x (V, E) -> (B, S, E)
+            if self.pos_embeddings is not None:
+                x = x + self.pos_embeddings[input_pos]  # public rows of [wpe]: local
+        rope = rope_tables(self.args, input_pos) if self.args.family == "llama" else None
+        mask = causal_mask(input_pos, T, self.args.n_groups) if S > 1 else None
+        for block in self.layers:
+            if hidden_states is not None:
+                hidden_states.append(x)
+            x = block(x, rope, mask)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        with self.meter.stage("norm"):
+            x = self.norm(x[:, -1:, :])  # only the last position feeds the LM head
+        with self.meter.stage("lm_head"):
+            return fixed_matmul(x, self.output, transpose_w=True)  # (B, 1, E) x (E, V) -> (B, 1, V)
+
+
+def causal_mask(input_pos: Public, T: int, groups: int) -> torch.Tensor:
+    """Public 0/1 mask (G·S, T): query at position p sees cache slots 0..p; rows repeat per group."""
+    mask = (torch.arange(T, device=input_pos.device)[None, :] <= input_pos[:, None]).float()  # (S, T)
+    return mask.repeat(groups, 1)  # (G·S, T)
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """HF state-dict key -> shape that ``share_model`` requires (a tied LM head is not listed)."""
+    E, F, V, D = args.dim, args.hidden_dim, args.vocab_size, args.head_dim
+    head = {} if args.tie_embeddings else {"lm_head.weight": (V, E)}
+    if args.family == "gpt2":
+        shapes = {"transformer.wte.weight": (V, E), "transformer.wpe.weight": (args.max_seq_len, E),
+                  "transformer.ln_f.weight": (E,), "transformer.ln_f.bias": (E,)}
+        for i in range(args.n_layers):
+            p = f"transformer.h.{i}."
+            shapes.update({p + "ln_1.weight": (E,), p + "ln_1.bias": (E,), p + "ln_2.weight": (E,),
+                           p + "ln_2.bias": (E,), p + "attn.c_attn.weight": (E, 3 * E),
+                           p + "attn.c_attn.bias": (3 * E,), p + "attn.c_proj.weight": (E, E),
+                           p + "attn.c_proj.bias": (E,), p + "mlp.c_fc.weight": (E, F),
+                           p + "mlp.c_fc.bias": (F,), p + "mlp.c_proj.weight": (F, E),
+                           p + "mlp.c_proj.bias": (E,)})
+        return shapes | head
+    H, Hkv = args.n_heads, args.n_kv_heads
+    shapes = {"model.embed_tokens.weight": (V, E), "model.norm.weight": (E,)}
+    for i in range(args.n_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (E,), p + "post_attention_layernorm.weight": (E,),
+                       p + "self_attn.q_proj.weight": (H * D, E), p + "self_attn.k_proj.weight": (Hkv * D, E),
+                       p + "self_attn.v_proj.weight": (Hkv * D, E), p + "self_attn.o_proj.weight": (E, H * D),
+                       p + "mlp.gate_proj.weight": (F, E), p + "mlp.up_proj.weight": (F, E),
+                       p + "mlp.down_proj.weight": (E, F)})
+        if args.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (H * D,), p + "self_attn.k_proj.bias": (Hkv * D,),
+                           p + "self_attn.v_proj.bias": (Hkv * D,)})
+    return shapes | head
+
+
+def _fused(args: ModelArgs, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Model owner only: HF tensors -> our layout (Linear (out, in); q|k|v and gate|up fused)."""
+    out: dict[str, torch.Tensor] = {}
+    if args.family == "gpt2":
+        out["tok"], out["pos"] = sd["transformer.wte.weight"], sd["transformer.wpe.weight"]
+        out["norm.w"], out["norm.b"] = sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]
+        if not args.tie_embeddings:
+            out["output"] = sd["lm_head.weight"]
+        for i in range(args.n_layers):
+            p, q = f"transformer.h.{i}.", f"{i}."
+            # GPT-2's Conv1D stores (in, out): transpose to nn.Linear's (out, in).
+            out.update({q + "wqkv": sd[p + "attn.c_attn.weight"].t(), q + "bqkv": sd[p + "attn.c_attn.bias"],
+                        q + "wo": sd[p + "attn.c_proj.weight"].t(), q + "bo": sd[p + "attn.c_proj.bias"],
+                        q + "w_in": sd[p + "mlp.c_fc.weight"].t(), q + "b_in": sd[p + "mlp.c_fc.bias"],
+                        q + "w_out": sd[p + "mlp.c_proj.weight"].t(), q + "b_out": sd[p + "mlp.c_proj.bias"],
+                        q + "n1.w": sd[p + "ln_1.weight"], q + "n1.b": sd[p + "ln_1.bias"],
+                        q + "n2.w": sd[p + "ln_2.weight"], q + "n2.b": sd[p + "ln_2.bias"]})
+        return out
+    out["tok"], out["norm.w"] = sd["model.embed_tokens.weight"], sd["model.norm.weight"]
+    if not args.tie_embeddings:
+        out["output"] = sd["lm_head.weight"]
+    for i in range(args.n_layers):
+        p, q = f"model.layers.{i}.", f"{i}."
+        a = p + "self_attn."
+        out[q + "wqkv"] = torch.cat([sd[a + n + "_proj.weight"] for n in "qkv"])
+        if args.qkv_bias:
+            out[q + "bqkv"] = torch.cat([sd[a + n + "_proj.bias"] for n in "qkv"])
+        out.update({q + "wo": sd[a + "o_proj.weight"],
+                    q + "w_in": torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]),
+                    q + "w_out": sd[p + "mlp.down_proj.weight"],
+                    q + "n1.w": sd[p + "input_layernorm.weight"],
+                    q + "n2.w": sd[p + "post_attention_layernorm.weight"]})
+    return out
+
+
+def _fused_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Public shapes of the fused layout (what the non-owner allocates)."""
+    E, F, V, D, H, Hkv = args.dim, args.hidden_dim, args.vocab_size, args.head_dim, args.n_heads, args.n_kv_heads
+    qkv = (H + 2 * Hkv) * D
+    shapes: dict[str, tuple[int, ...]] = {"tok": (V, E), "norm.w": (E,)}
+    if not args.tie_embeddings:
+        shapes["output"] = (V, E)
+    if args.family == "gpt2":
+        shapes.update({"pos": (args.max_seq_len, E), "norm.b": (E,)})
+    for i in range(args.n_layers):
+        q = f"{i}."
+        shapes.update({q + "wqkv": (qkv, E), q + "wo": (E, H * D), q + "n1.w": (E,), q + "n2.w": (E,),
+                       q + "w_in": (2 * F if args.family == "llama" else F, E), q + "w_out": (E, F)})
+        if args.qkv_bias:
+            shapes[q + "bqkv"] = (qkv,)
+        if args.family == "gpt2":
+            shapes.update({q + "bo": (E,), q + "b_in": (F,), q + "b_out": (E,), q + "n1.b": (E,), q + "n2.b": (E,)})
+    return shapes
+
+
+def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> None:
+    """Assert every expected key is present with its shape (nanoGPT ``from_pretrained`` style)."""
+    expected = expected_shapes(args)
+    missing = sorted(set(expected) - set(sd))
+    assert not missing, f"state dict lacks {len(missing)} keys, e.g. {missing[:3]}"
+    bad = {k: (tuple(sd[k].shape), s) for k, s in expected.items() if tuple(sd[k].shape) != s}
+    assert not bad, f"shape mismatch (got, expected): {dict(list(bad.items())[:3])}"
+    known = set(expected) | {"lm_head.weight"}
+    extra = sorted(k for k in sd if k not in known and not k.endswith((".attn.bias", ".attn.masked_bias")))
+    assert not extra, f"unexpected state-dict keys: {extra[:5]}"
+
+
+def share_model(state_dict: dict[str, torch.Tensor] | None, args: ModelArgs, meter: Meter,
+                src: int = 1, device: str | torch.device = "cpu") -> SecureTransformer:
+    """Secret-share a model: party ``src`` passes the HF state dict, every other party ``None``.
+
+    Matrices become fixed-mask operands (δ = W − B opened once here), vectors plain shares, all on
+    ``device`` (both parties may share one GPU). Layout: nn.Linear's (out, in) everywhere — GPT-2's
+    Conv1D weights (in, out) are transposed — with q|k|v and gate|up fused so that each activation
+    is opened once per block. Public: ``args`` and therefore every shape.
+    Cost: 16·(#matrix parameters) logged bytes per party, once; nothing per token.
+    """
+    rank = comm.get().get_rank()
+    owned: dict[str, torch.Tensor] = {}
+    if rank == src:
+        assert state_dict is not None, f"party {src} owns the model and must pass its state dict"
+        check_state_dict(state_dict, args)
+        owned = {k: v.detach().float() for k, v in _fused(args, state_dict).items()}
+    shares: dict[str, object] = {}
+    for name, shape in _fused_shapes(args).items():
+        value = owned[name] if rank == src else torch.zeros(shape)
+        secret = crypten.cryptensor(value.to(device), src=src, device=device)
+        shares[name] = FixedMaskOperand(secret) if len(shape) == 2 and name != "pos" else secret
+    return _assemble(args, shares, meter)
+
+
+def _assemble(args: ModelArgs, s: dict, meter: Meter) -> SecureTransformer:
+    policy = FullCachePolicy(meter)
+
+    def norm(prefix: str) -> Norm:
+        if args.family == "gpt2":
+            return SecureLayerNorm(s[prefix + ".w"], s[prefix + ".b"], args.norm_eps)
+        return SecureRMSNorm(s[prefix + ".w"], args.norm_eps)
+
+    layers = []
+    for i in range(args.n_layers):
+        q = f"{i}."
+        attn = SecureAttention(args, i, s[q + "wqkv"], s.get(q + "bqkv"), s[q + "wo"], s.get(q + "bo"),
+                               policy, meter)
+        mlp = SecureMLP(args, s[q + "w_in"], s.get(q + "b_in"), s[q + "w_out"], s.get(q + "b_out"), meter)
+        layers.append(SecureBlock(norm(q + "n1"), attn, norm(q + "n2"), mlp, meter))
+    return SecureTransformer(args, s["tok"], s.get("pos"), layers, norm("norm"), s.get("output", s["tok"]), meter)

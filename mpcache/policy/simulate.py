@@ -1,0 +1,61 @@
+"""SIMULATION ONLY (NOT PRIVATE): start decoding from a plaintext KV cache that the client shares.
+
+The authors' MPC harness (``infer/generation_evaluation.py``, mpcache.md §6) does the prefill in
+plaintext and times only decode steps; this reproduces that set-up for decode benchmarks at long
+contexts. Computing the KV cache in plaintext needs the model weights and the prompt in one place, so a
+run that uses this is NOT a private inference: every caller must label its results "simulation".
+What still runs in MPC: sharing of K/V (and of the window queries), the window attention that static
+eviction scores, the oblivious static eviction itself, the cluster summaries, and every decode step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from mpcache.cache import SecretKVCache
+from mpcache.model import SecureTransformer, causal_mask
+from protocols.compat import comm, crypten
+from protocols.fixed_mask import fixed_matmul
+from protocols.nonlinear import softmax
+
+log = logging.getLogger(__name__)
+CLIENT = 0
+
+
+def _share(x: torch.Tensor | None, shape: tuple[int, ...]) -> crypten.CrypTensor:
+    if comm.get().get_rank() == CLIENT:
+        assert x is not None and tuple(x.shape) == shape, f"client must pass a tensor of shape {shape}"
+    return crypten.cryptensor(x.float() if comm.get().get_rank() == CLIENT else torch.zeros(shape), src=CLIENT)
+
+
+def prefill_from_plaintext_kv(model: SecureTransformer, n_prompt: int,
+                              kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
+                              window_queries: list[torch.Tensor] | None, batch: int = 1) -> None:
+    """Fill every layer's cache from the client's plaintext cache, then run the policy's prefill step.
+
+    kv: per layer (k, v), each (B, Hkv, T0, D) post-RoPE, on the client (rank 0); None elsewhere.
+    window_queries: per layer the post-RoPE, unscaled queries (B, H, W, D) of the last
+    W = policy.window(T0) prompt positions, on the client; None elsewhere or when W = 0.
+    Public: T0, W, shapes. Installs nothing: uses the policy already set on the model.
+    """
+    log.warning("SIMULATION: the KV cache comes from a plaintext prefill; this run is NOT private")
+    a = model.args
+    policy = model.layers[0].attention.policy
+    policy.reset()
+    w = policy.window(n_prompt)
+    kv_shape = (batch, a.n_kv_heads, n_prompt, a.head_dim)
+    mask = causal_mask(torch.arange(n_prompt - w, n_prompt), n_prompt, a.n_groups) if w else None
+    for layer, block in enumerate(model.layers):
+        mine = comm.get().get_rank() == CLIENT
+        k, v = kv[layer] if mine else (None, None)
+        cache = block.attention.cache = SecretKVCache()
+        cache.append(_share(k, kv_shape), _share(v, kv_shape))
+        p_win = None
+        if w:
+            q = _share(window_queries[layer] if mine else None, (batch, a.n_heads, w, a.head_dim))
+            q = (q * (1.0 / math.sqrt(a.head_dim))).reshape(batch, a.n_kv_heads, a.n_groups * w, a.head_dim)
+            z = fixed_matmul(q, cache.keys, transpose_w=True)  # (B, Hkv, G·W, T0)
+            p_win = softmax(z, dim=-1, mask=mask).view(batch, a.n_kv_heads, a.n_groups, w, n_prompt)
+        policy.after_prefill(layer, cache, p_win)
