@@ -10,22 +10,27 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import Protocol
 
-from protocols.fixed_mask import FixedMaskOperand, fixed_matmul
+from protocols.fixed_mask import FixedMaskOperand, StockOperand, fixed_matmul
 from protocols.nonlinear import softmax
 from protocols.types import Public, Secret
 
 
 class SecretKVCache:
-    """[K], [V] of one layer, each (B, Hkv, T, D), T growing by appended rows (tokens)."""
+    """[K], [V] of one layer, each (B, Hkv, T, D), T growing by appended rows (tokens).
 
-    def __init__(self) -> None:
+    ``operand``: ``FixedMaskOperand`` (default) or ``StockOperand`` (the stock-CrypTen baseline:
+    nothing opened on append, K and V opened by every product).
+    """
+
+    def __init__(self, operand: type[FixedMaskOperand] | type[StockOperand] = FixedMaskOperand) -> None:
+        self.operand = operand
         self.k: FixedMaskOperand | None = None
         self.v: FixedMaskOperand | None = None
 
     def append(self, k: Secret, v: Secret) -> None:
         """Append S new tokens: k, v (B, Hkv, S, D); opens only their masked rows."""
         if self.k is None:
-            self.k, self.v = FixedMaskOperand(k, grow_dim=2), FixedMaskOperand(v, grow_dim=2)
+            self.k, self.v = self.operand(k, grow_dim=2), self.operand(v, grow_dim=2)
         else:
             self.k.append(k)
             self.v.append(v)

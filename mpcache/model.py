@@ -17,7 +17,7 @@ import torch
 from mpcache.cache import FullCachePolicy, KVPolicy, Meter, SecretKVCache
 from plaintext_ref.models import max_context, model_family
 from protocols.compat import comm, crypten
-from protocols.fixed_mask import FixedMaskOperand, fixed_matmul
+from protocols.fixed_mask import FixedMaskOperand, StockOperand, fixed_matmul
 from protocols.nonlinear import gelu_tanh, layer_norm, rms_norm, silu
 from protocols.types import Public, Secret
 
@@ -131,7 +131,7 @@ class SecureAttention:
                  wo: FixedMaskOperand, bo: Secret | None, policy: KVPolicy, meter: Meter) -> None:
         self.args, self.layer, self.policy, self.meter = args, layer, policy, meter
         self.wqkv, self.bqkv, self.wo, self.bo = wqkv, bqkv, wo, bo
-        self.cache = SecretKVCache()
+        self.cache = SecretKVCache(type(wqkv))  # stock weights -> stock cache
 
     def __call__(self, x: Secret, rope: Rope, mask: Public | None) -> Secret:
         """x (B, S, E) -> (B, S, E); appends the S new K/V rows, then one call into the policy."""
@@ -208,7 +208,7 @@ class SecureTransformer:
     def reset_caches(self) -> None:
         """Drop every layer's KV cache (a new conversation; the shared weights stay)."""
         for block in self.layers:
-            block.attention.cache = SecretKVCache()
+            block.attention.cache = SecretKVCache(block.attention.cache.operand)
 
     def forward(self, onehot: Secret, input_pos: Public,
                 hidden_states: list[Secret] | None = None) -> Secret:
@@ -344,7 +344,7 @@ def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> None:
 
 
 def share_model(state_dict: dict[str, torch.Tensor] | None, args: ModelArgs, meter: Meter,
-                src: int = 1, device: str | torch.device = "cpu") -> SecureTransformer:
+                src: int = 1, device: str | torch.device = "cpu", fixed_masks: bool = True) -> SecureTransformer:
     """Secret-share a model: party ``src`` passes the HF state dict, every other party ``None``.
 
     Matrices become fixed-mask operands (δ = W − B opened once here), vectors plain shares, all on
@@ -352,8 +352,11 @@ def share_model(state_dict: dict[str, torch.Tensor] | None, args: ModelArgs, met
     Conv1D weights (in, out) are transposed — with q|k|v and gate|up fused so that each activation
     is opened once per block. Public: ``args`` and therefore every shape.
     Cost: 16·(#matrix parameters) logged bytes per party, once; nothing per token.
+    ``fixed_masks=False`` is the stock-CrypTen baseline (for benchmarks): matrices and the KV cache
+    become ``StockOperand``s, so set-up opens nothing and every product opens its weight or K/V.
     """
     rank = comm.get().get_rank()
+    operand = FixedMaskOperand if fixed_masks else StockOperand
     owned: dict[str, torch.Tensor] = {}
     if rank == src:
         assert state_dict is not None, f"party {src} owns the model and must pass its state dict"
@@ -363,7 +366,7 @@ def share_model(state_dict: dict[str, torch.Tensor] | None, args: ModelArgs, met
     for name, shape in _fused_shapes(args).items():
         value = owned[name] if rank == src else torch.zeros(shape)
         secret = crypten.cryptensor(value.to(device), src=src, device=device)
-        shares[name] = FixedMaskOperand(secret) if len(shape) == 2 and name != "pos" else secret
+        shares[name] = operand(secret) if len(shape) == 2 and name != "pos" else secret
     return _assemble(args, shares, meter)
 
 

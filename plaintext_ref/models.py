@@ -104,7 +104,10 @@ def _replace_dir(tmp: Path, target: Path) -> None:
 
 
 def load_tokenizer() -> PreTrainedTokenizerBase:
-    """SmolLM2's tokenizer (also used by the tiny test models)."""
+    """SmolLM2's tokenizer (also used by the tiny test models); needs only the cached tokenizer files."""
+    cached = cache_dir() / "smollm2-135m-instruct-fp32"
+    if (cached / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(cached)
     return AutoTokenizer.from_pretrained(_smollm2_fp32_dir())
 
 

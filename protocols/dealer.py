@@ -212,7 +212,7 @@ class FixedMaskServer(TTPServer):
     def fm_select(self, key: int, new_key: int, dim: int, index: list[int],
                   release: Sequence[int] = ()):
         self._forget(release)
-        self._masks[new_key] = self._masks[key].index_select(dim, torch.tensor(index))
+        self._masks[new_key] = self._masks[key].index_select(dim, torch.as_tensor(index, device=self._masks[key].device))
         return torch.empty(0, dtype=torch.long)
 
 

@@ -23,6 +23,10 @@ dealer's answer ``8·|x @ W|`` bytes plus a small pickled request/size (3 extra 
 TTP does; with TFP the correlations cost nothing (and party 0 knows ``B``: NOT secure).
 Error: that of one CrypTen fixed-point product (local truncation: ±1 ulp, and the usual tiny
 probability of a wrap error for values near 2^(63 − 2·precision_bits)).
+
+Baseline: ``StockOperand`` has the same interface but keeps ``[W]`` as a plain share, and
+``fixed_matmul`` then runs CrypTen's own Beaver matmul (opens ``x − A`` and ``W − B`` every call:
+``16·(|x| + |W|)`` logged bytes, 1 round). It exists only to measure what fixed masks save.
 """
 from __future__ import annotations
 
@@ -140,18 +144,70 @@ class FixedMaskOperand:
         return f"FixedMaskOperand(shape={tuple(self.shape)}, grow_dim={self.grow_dim}, key={self.key})"
 
 
+class StockOperand:
+    """Stock-CrypTen baseline of ``FixedMaskOperand``: ``[W]`` as a plain share, no persistent mask.
+
+    Same interface (``shape``, ``device``, ``encoder``, ``grow_dim``, ``secret``, ``append``,
+    ``select``); set-up and ``append`` open nothing, but every ``fixed_matmul`` opens ``W − B``.
+    """
+
+    def __init__(self, value: Secret, *, grow_dim: int | None = None) -> None:
+        w = _arith(value)
+        ndim = w.dim()
+        if grow_dim is not None and not -ndim <= grow_dim < ndim:
+            raise ValueError(f"grow_dim {grow_dim} out of range for a {ndim}-D operand")
+        self.grow_dim = None if grow_dim is None else grow_dim % ndim
+        self.encoder = w.encoder
+        self._value = value
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._value.size()
+
+    @property
+    def device(self) -> torch.device:
+        return self._value.device
+
+    @property
+    def secret(self) -> Secret:
+        """``[W]`` (a copy of the share; no communication)."""
+        return self._value.clone()
+
+    def append(self, rows: Secret) -> None:
+        """Concatenate ``[rows]`` along ``grow_dim`` (local)."""
+        if self.grow_dim is None:
+            raise ValueError("append needs an operand built with grow_dim")
+        if _arith(rows).encoder.scale != self.encoder.scale:
+            raise ValueError(f"rows scale {_arith(rows).encoder.scale} != operand scale {self.encoder.scale}")
+        self._value = crypten.cat([self._value, rows], dim=self.grow_dim)
+
+    def select(self, dim: int, index: Public) -> StockOperand:
+        """A new operand of ``W.index_select(dim, index)`` for a public ``index`` (local)."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        return StockOperand(self._value.index_select(dim % len(self.shape), index), grow_dim=self.grow_dim)
+
+    def __repr__(self) -> str:
+        return f"StockOperand(shape={tuple(self.shape)}, grow_dim={self.grow_dim})"
+
+
+Operand = FixedMaskOperand | StockOperand
+
+
 def _t(m: torch.Tensor, transpose: bool) -> torch.Tensor:
     return m.transpose(-1, -2) if transpose else m
 
 
-def fixed_matmul(x: Secret, w: FixedMaskOperand, *, transpose_w: bool = False) -> Secret:
+def fixed_matmul(x: Secret, w: Operand, *, transpose_w: bool = False) -> Secret:
     """``[x] @ [W]`` (or ``[x] @ [W]ᵀ``) with ``W``'s mask opened once (see module docstring).
 
     Shapes follow torch.matmul broadcasting, e.g. ``(B, H, S, D) x (D, F)``,
     ``(B, Hkv, G·S, D) x (B, Hkv, T, D)ᵀ -> (B, Hkv, G·S, T)``, one-hot ``(B, Hkv, K, T) x (B, Hkv, T, D)``.
     Public: shapes. Cost: 1 round and ``16·|x|`` logged bytes per party (+ the dealer's answer on
-    party 0 under TTP), independent of ``|W|``.
+    party 0 under TTP), independent of ``|W|``. A ``StockOperand`` gets CrypTen's Beaver matmul
+    instead (``16·(|x| + |W|)`` bytes).
     """
+    if isinstance(w, StockOperand):
+        return x.matmul(w._value.transpose(-1, -2) if transpose_w else w._value)
     xa = _arith(x)
     out_size = product_size(xa.size(), w.shape, transpose_w)  # raises on a shape mismatch
     a, c = w._provider.pair(w.key, xa.size(), w.shape, transpose_w, device=xa.device)

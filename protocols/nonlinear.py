@@ -53,13 +53,13 @@ MASK_FILL = 1024.0           # masked logits become −MASK_FILL before the row 
 
 def _weighted_bits(bits: Secret, coefs: list[float], scale: int) -> Secret:
     """``Σ_j [b_j]·c_j`` over the last dim of scale-1 bits, exact (integer share arithmetic)."""
-    weights = torch.tensor([round(c * scale) for c in coefs], dtype=torch.long)
+    weights = torch.tensor([round(c * scale) for c in coefs], dtype=torch.long, device=bits.share.device)
     return MPCTensor.from_shares((bits.share * weights).sum(-1))
 
 
-def _octave_thresholds(lo: int, hi: int) -> torch.Tensor:
+def _octave_thresholds(lo: int, hi: int, device: torch.device) -> torch.Tensor:
     """Public thresholds 2^(lo+1) … 2^(hi−1) separating the octaves [2^j, 2^(j+1)), j ∈ [lo, hi)."""
-    return torch.tensor([2.0**j for j in range(lo + 1, hi)])
+    return torch.tensor([2.0**j for j in range(lo + 1, hi)], device=device)
 
 
 def _octave_value(bits: Secret, lo: int, hi: int, value_at, scale: int) -> Secret:
@@ -73,7 +73,7 @@ def _octave_guess(x: Secret, lo: int, hi: int, value_at) -> Secret:
     batched comparison; inputs outside [2^lo, 2^hi) get the end octaves' values."""
     if hi - lo <= 1:
         return x * 0 + value_at(lo)
-    bits = (x.unsqueeze(-1) - _octave_thresholds(lo, hi)).ge(0)  # (..., hi−lo−1)
+    bits = (x.unsqueeze(-1) - _octave_thresholds(lo, hi, x.device)).ge(0)  # (..., hi−lo−1)
     return _octave_value(bits, lo, hi, value_at, x.encoder.scale)
 
 
@@ -136,7 +136,7 @@ def softmax(x: Secret, dim: int = -1, mask: Public | None = None) -> Secret:
     Config: EXP_* , RECIP_NR_ITERS, MASK_FILL.
     """
     if mask is not None:
-        mask = torch.as_tensor(mask).long()
+        mask = torch.as_tensor(mask, device=x.device).long()
         if not bool((mask.expand(x.size()).sum(dim) > 0).all()):
             raise ValueError("softmax mask leaves a row with no kept entry")
         x = mul_public_int(x, mask) + (mask.float() - 1) * MASK_FILL
@@ -227,7 +227,7 @@ def _normalise(x: Secret, eps: float) -> Secret:
     f_lo, f_hi = _FINE_OCTAVES
     c_lo, c_hi = _COARSE_OCTAVES
     switch = NORM_SWITCH * 4.0**-NORM_COARSE_LOG2
-    diffs = crypten.cat([ms_f - _octave_thresholds(f_lo, f_hi), ms_c - _octave_thresholds(c_lo, c_hi),
+    diffs = crypten.cat([ms_f - _octave_thresholds(f_lo, f_hi, x.device), ms_c - _octave_thresholds(c_lo, c_hi, x.device),
                          ms_c - switch], dim=-1)
     bits = diffs.ge(0)  # (..., J_f + J_c + 1)
     n_f = f_hi - f_lo - 1

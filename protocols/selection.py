@@ -57,7 +57,7 @@ def reset_reveals() -> None:
 def mul_public_int(x: Secret, m: Public) -> Secret:
     """``[x] · m`` for a public integer tensor (e.g. a 0/1 mask): exact, local, no truncation."""
     out = x.clone()
-    out.share = out.share * torch.as_tensor(m).long()
+    out.share = out.share * torch.as_tensor(m, device=out.share.device).long()
     return out
 
 
@@ -66,7 +66,7 @@ def _pad_last(x: Secret, n_pad: int) -> Secret:
     n = x.size(-1)
     if n_pad == n:
         return x
-    pad = crypten.cryptensor(torch.full((*x.size()[:-1], n_pad - n), PAD_VALUE), src=0)
+    pad = crypten.cryptensor(torch.full((*x.size()[:-1], n_pad - n), PAD_VALUE, device=x.device), src=0)
     return crypten.cat([x, pad], dim=-1)
 
 
@@ -82,7 +82,7 @@ def _tournament(x: Secret, with_index: bool) -> tuple[Secret, Secret | None]:
     v = _pad_last(x, n_pad)
     idx = None
     if with_index:
-        idx = crypten.cryptensor(torch.arange(n_pad, dtype=torch.float).expand(v.size()), src=0)
+        idx = crypten.cryptensor(torch.arange(n_pad, dtype=torch.float, device=v.device).expand(v.size()), src=0)
     while v.size(-1) > 1:
         a, b = v[..., 0::2], v[..., 1::2]
         c = a.ge(b)  # (..., m/2), scale-1 bits
@@ -117,7 +117,7 @@ def argmax_onehot(x: Secret, dim: int = -1) -> Secret:
     products ≈ 560·n_pad bytes (V = 49152: 167 rounds, 32.5 MB measured). Error: exact. Domain: |x| < 2^30.
     """
     if x.dim() == 0:
-        return crypten.cryptensor(torch.ones(()), src=0)
+        return crypten.cryptensor(torch.ones((), device=x.device), src=0)
     xt = x.transpose(dim, -1) if dim not in (-1, x.dim() - 1) else x
     n = xt.size(-1)
     _, idx = _tournament(xt, with_index=True)  # (..., 1)
@@ -133,7 +133,7 @@ def _distinct_keys(x: Secret) -> Secret:
     bits = max(1, math.ceil(math.log2(n)))
     key = mul_public_int(x, 2**bits)
     if comm.get().get_rank() == 0:
-        key.share = key.share - torch.arange(n)
+        key.share = key.share - torch.arange(n, device=key.share.device)
     return key
 
 
@@ -264,7 +264,7 @@ def _index_bits(p: Secret, n_bits: int, shift: int = 0) -> Secret:
     """Bits ``shift … shift + n_bits − 1`` of a secret's raw ring value: ``[b_t]`` (..., n_bits),
     LSB first (A2B once: 8 rounds, 432 B per element; B2A of the bits: 1 round)."""
     binary = p._to_ptype(_ptype.binary)
-    binary.share = (binary.share.unsqueeze(-1) >> (torch.arange(n_bits) + shift)) & 1
+    binary.share = (binary.share.unsqueeze(-1) >> (torch.arange(n_bits, device=binary.share.device) + shift)) & 1
     binary.encoder = type(binary.encoder)(precision_bits=0)  # raw integer bits, scale 1
     return binary._to_ptype(_ptype.arithmetic, precision=0, bits=1)
 
