@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-MPIRUN = BIN / "mpirun"
+MPIRUN = BIN / "mpirun" if (BIN / "mpirun").exists() else Path(shutil.which("mpirun") or "mpirun")
 ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
        "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
 PROMPT = "The capital of France is"
@@ -91,3 +92,24 @@ def test_cli_help_lists_every_flag():
     for flag in ("--model", "--prompt", "--max-new-tokens", "--raw", "--device", "--master-addr",
                  "--timeout-s", "--json-out", "--log-level"):
         assert flag in run.stdout, flag
+
+
+@pytest.mark.mpc
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy", ["full", "mpcache"])
+def test_cli_on_cuda(tmp_path, policy):
+    """Both parties on the GPU: the full cache gives the plaintext tokens; MPCache runs to the end."""
+    from plaintext_ref.models import load_tokenizer
+    out_file = tmp_path / "run.json"
+    prompt = " ".join([PROMPT] * 12)  # > 2 clusters of 16, so MPCache's selection really runs
+    run = _cli("--model", "tiny-llama", "--prompt", prompt, "--raw", "--max-new-tokens", "3",
+               "--device", "cuda", "--kv-policy", policy, "--json-out", str(out_file), n=2)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out_file.read_text())
+    if policy == "full":
+        want, margins = _plain_greedy(load_tokenizer()(prompt)["input_ids"], 3)
+        for i, (g, w) in enumerate(zip(result["tokens"], want)):
+            if g != w:
+                assert margins[i] < 2e-2, (result["tokens"], want, margins)
+                break
