@@ -40,11 +40,6 @@ class SecretKVCache:
         assert k.shape == v.shape and k.grow_dim == v.grow_dim == 2, f"bad K/V {k!r}, {v!r}"
         self.k, self.v = k, v
 
-    def replace(self, k: FixedMaskOperand, v: FixedMaskOperand) -> None:
-        """Install new [K], [V] operands (B, Hkv, T', D), e.g. after an oblivious compaction."""
-        assert k.shape == v.shape, f"K {tuple(k.shape)} and V {tuple(v.shape)} differ"
-        self.k, self.v = k, v
-
     @property
     def length(self) -> int:
         """T, the number of cached tokens (public)."""

@@ -264,8 +264,10 @@ def _index_bits(p: Secret, n_bits: int, shift: int = 0) -> Secret:
     """Bits ``shift … shift + n_bits − 1`` of a secret's raw ring value: ``[b_t]`` (..., n_bits),
     LSB first (A2B once: 8 rounds, 432 B per element; B2A of the bits: 1 round)."""
     binary = p._to_ptype(_ptype.binary)
-    share = binary.share  # integer shifts only: CrypTen's CUDA shares refuse a tensor of shifts
-    binary.share = torch.stack([(share >> (t + shift)) & 1 for t in range(n_bits)], dim=-1)
+    share = binary.share
+    raw = share.tensor() if hasattr(share, "tensor") else share  # CrypTen wraps CUDA shares (CUDALongTensor)
+    bits = (raw.unsqueeze(-1) >> (torch.arange(n_bits, device=raw.device) + shift)) & 1
+    binary.share = bits if raw is share else type(share)(bits)
     binary.encoder = type(binary.encoder)(precision_bits=0)  # raw integer bits, scale 1
     return binary._to_ptype(_ptype.arithmetic, precision=0, bits=1)
 
