@@ -25,7 +25,8 @@ Cost notation: ``cmp`` = one secure comparison, 8 rounds, 432 logged bytes per e
 
 Config (module constants; should move to ``protocols.config.ProtocolConfig``): ``EXP_CLAMP_MIN``,
 ``EXP_HALVINGS``, ``RECIP_NR_ITERS``, ``SIGMOID_CLAMP``, ``SIGMOID_NR_ITERS``, ``INV_SQRT_RANGE_LOG2``,
-``INV_SQRT_NR_ITERS``, ``NORM_FINE_LOG2``, ``NORM_COARSE_LOG2``, ``NORM_SWITCH``, ``MASK_FILL``.
+``INV_SQRT_NR_ITERS``, ``NORM_FINE_LOG2``, ``NORM_COARSE_LOG2``, ``NORM_SWITCH``, ``NORM_MS_GAIN_LOG2``,
+``COEF_FRAC_BITS``, ``MASK_FILL``.
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ INV_SQRT_NR_ITERS = 3        # initial rel. error ≤ 0.19 → 3e-5
 NORM_FINE_LOG2 = 2           # fine path squares 4·x (precision for tiny activations)
 NORM_COARSE_LOG2 = 6         # coarse path squares x/64 (safe for |x| ≤ 2^15)
 NORM_SWITCH = 16.0           # use the coarse path when mean(x²) > this
+NORM_MS_GAIN_LOG2 = 1        # mean squares are kept 4^1× larger than u² (precision), u·y then ×2^1
+COEF_FRAC_BITS = 20          # public coefficients/weights are rounded to 2^-20 (CrypTen: truncated to 2^-16)
 MASK_FILL = 1024.0           # masked logits become −MASK_FILL before the row max (real logits must be > −1024)
 
 
@@ -55,6 +58,23 @@ def _weighted_bits(bits: Secret, coefs: list[float], scale: int) -> Secret:
     """``Σ_j [b_j]·c_j`` over the last dim of scale-1 bits, exact (integer share arithmetic)."""
     weights = torch.tensor([round(c * scale) for c in coefs], dtype=torch.long, device=bits.share.device)
     return MPCTensor.from_shares((bits.share * weights).sum(-1))
+
+
+def _dot_public(terms: list[Secret], coefs: list[float], frac_bits: int = COEF_FRAC_BITS) -> Secret:
+    """``Σ_k [t_k]·c_k`` with each c_k rounded to ``2^−frac_bits`` and one truncation in all.
+
+    CrypTen's ``mul`` by a public float encodes it by truncation toward zero at 2^−16 (1/8! becomes
+    1/65536, 38 % low) and truncates every product; here the integer products are summed exactly
+    and divided once. Raw size Σ|t_k·c_k|·2^(16+frac_bits) must stay ≪ 2^63 (failure odds = its ratio to 2^64).
+    """
+    acc = sum(t.share * round(c * 2**frac_bits) for t, c in zip(terms, coefs))
+    return MPCTensor.from_shares(acc).div(2**frac_bits)
+
+
+def _mul_public(x: Secret, w: Public, frac_bits: int = COEF_FRAC_BITS) -> Secret:
+    """``[x]·w`` for a public float tensor w (broadcast), w rounded to ``2^−frac_bits``, one truncation."""
+    w_int = torch.round(torch.as_tensor(w, dtype=torch.float64, device=x.share.device) * 2**frac_bits).long()
+    return MPCTensor.from_shares(x.share * w_int).div(2**frac_bits)
 
 
 def _octave_thresholds(lo: int, hi: int, device: torch.device) -> torch.Tensor:
@@ -81,12 +101,15 @@ def exp(x: Secret, clamp: bool = True) -> Secret:
     """``[e^x]``.
 
     Steps: 1. (clamp) ``[x] ← m + ReLU([x] − m)``, m = EXP_CLAMP_MIN (1 cmp + 1 mul).
-    2. ``[y] = [x]/32`` (local). 3. ``[p] = Σ_{k≤8} [y]^k/k!`` (powers in 3 rounds).
-    4. square 5 times.
+    2. ``[y] = [x]/32`` (local). 3. ``[p] = Σ_{k≤8} [y]^k/k!`` (powers in 3 rounds; coefficients
+    rounded to 2^−20 and summed before one truncation, ``_dot_public``). 4. square 5 times.
     Public: shape. Cost: 8 rounds and 12·n mul (+ 9 rounds, n cmp + n mul with clamp).
-    Error: relative ≤ 1e-3 (fixed-point rounding of the base, amplified 32×) on [−32, 8];
-    absolute ≤ 1e-6 below −16. Without ``clamp`` the domain is [−32, 8]; beyond it the Taylor base
-    diverges. With ``clamp`` any x ≤ 8 is safe (inputs < −32 give ≈ 0).
+    Error: ``|err| ≤ 2e-3·(e^x + 0.02)`` on [−32, 8]: relative ≤ 2e-3 where e^x ≥ 0.02, absolute
+    ≤ 4e-5 (3 ulps) below. The floor is 2-party truncation noise: each ulp (2^−16) of the base is
+    amplified 32× (5e-4 relative). Measured (2 parties, TFP, 40 runs × 2000 inputs on [−32, 4]):
+    worst relative 1.5e-3 (e^x ≥ 0.02), worst absolute 3.1e-5 (below), worst |err|/(e^x + 0.02)
+    1.2e-3. Without ``clamp`` the domain is [−32, 8]; beyond it the Taylor base diverges. With
+    ``clamp`` any x ≤ 8 is safe (inputs < −32 give ≈ 0).
     Config: EXP_CLAMP_MIN, EXP_HALVINGS, EXP_TAYLOR_DEGREE.
     """
     if clamp:
@@ -99,9 +122,7 @@ def exp(x: Secret, clamp: bool = True) -> Secret:
         need = min(have, EXP_TAYLOR_DEGREE - have)
         prods = crypten.stack([top] * need) * crypten.stack(powers[:need])
         powers += [prods[i] for i in range(need)]
-    result = 1 + y
-    for k, p in enumerate(powers[1:], start=2):
-        result = result + p.mul(1.0 / math.factorial(k))
+    result = _dot_public(powers, [1.0 / math.factorial(k) for k in range(1, EXP_TAYLOR_DEGREE + 1)]) + 1
     for _ in range(EXP_HALVINGS):
         result = result.square()
     return result
@@ -155,7 +176,9 @@ def sigmoid(x: Secret) -> Secret:
     round). 3. ``[d] = 1 + exp(−[a])`` ∈ [1, 2]. 4. ``[r] ≈ 1/[d]`` by NR from r0 = 24/17 − 8d/17.
     5. ``σ = [r] + [x<0]·(1 − 2[r])``.
     Public: shape. Cost: 8 + 1 + 8 + 2·SIGMOID_NR_ITERS + 1 = 22 rounds; 3n cmp + ≈ 19n mul.
-    Error: max abs 2e-4 on all reals (B = SIGMOID_CLAMP = 32: σ is constant to 1e-14 beyond).
+    Error: max abs 4e-4 on all reals (B = SIGMOID_CLAMP = 32: σ is constant to 1e-14 beyond);
+    dominated by exp's relative error at |x| ≈ 1. Measured: worst 2.9e-4 over 40 runs × 2000
+    inputs (N(0, 20²) and N(0, 3²)).
     Config: SIGMOID_CLAMP, SIGMOID_NR_ITERS, EXP_*.
     """
     bound = SIGMOID_CLAMP
@@ -211,22 +234,29 @@ def _inv_sqrt_nr(x: Secret, y: Secret, iters: int = INV_SQRT_NR_ITERS) -> Secret
 
 
 def _normalise(x: Secret, eps: float) -> Secret:
-    """``[x / √(mean(x²) + eps)]`` over the last dim, for |x| ≤ 2^15 and mean(x²) ∈ [1e-4, 2^24].
+    """``[x / √(mean(x²) + eps)]`` over the last dim (E), for |x| ≤ 2^15 and mean(x²) ∈ [1e-4, 2^24].
 
     Two scalings: fine ``[u] = 4[x]`` (precise for tiny activations) and coarse ``[u] = [x]/64``
     (its squares stay far from the 2-party truncation wrap even for SmolLM2's 2.4e4 outliers).
-    1. both mean squares in one product round; 2. one batched cmp: the switch bit
-    ``[mean(x²) > NORM_SWITCH]`` and both octave guesses; 3. one product round selects (u, ms, y0);
-    4. inv_sqrt NR; 5. ``[u]·[y]``.
+    1. both ``[m] = G·mean(u²)`` in one product round, as ``Σ u_int·u`` (one operand viewed at scale 1,
+    so no per-element truncation) divided once by E·2^16/G, G = 4^NORM_MS_GAIN_LOG2: the mean square
+    keeps ≥ 1000 ulps where it is selected (per-element truncation lost up to 1 ulp each on 419 ulps
+    for the tiny models). 2. one batched cmp: the switch bit ``[mean(x²) > NORM_SWITCH]`` and both
+    octave guesses; 3. one product round selects (u, m, y0) with exact scale-1 bits (the unselected
+    fine path may have wrapped: the product by the bit is exact in Z_2^64, so it cancels);
+    4. inv_sqrt NR; 5. ``2^NORM_MS_GAIN_LOG2·[u]·[y]``.
     """
     fine = mul_public_int(x, 2**NORM_FINE_LOG2)
     coarse = x.div(2**NORM_COARSE_LOG2)
-    sq = crypten.stack([fine, coarse]).square().mean(-1, keepdim=True)  # (2, ..., 1)
-    ms_f = sq[0] + eps * 4.0**NORM_FINE_LOG2
-    ms_c = sq[1] + eps * 4.0**-NORM_COARSE_LOG2
+    both = crypten.stack([fine, coarse])  # (2, ..., E)
+    raw = MPCTensor.from_shares(both.share, precision=0) * both  # u²·2^16 per element, exact
+    sq = raw.sum(-1, keepdim=True).div(x.size(-1) * (x.encoder.scale // 4**NORM_MS_GAIN_LOG2))  # (2, ..., 1)
+    gain = 4.0**NORM_MS_GAIN_LOG2
+    ms_f = sq[0] + eps * gain * 4.0**NORM_FINE_LOG2
+    ms_c = sq[1] + eps * gain * 4.0**-NORM_COARSE_LOG2
     f_lo, f_hi = _FINE_OCTAVES
     c_lo, c_hi = _COARSE_OCTAVES
-    switch = NORM_SWITCH * 4.0**-NORM_COARSE_LOG2
+    switch = NORM_SWITCH * gain * 4.0**-NORM_COARSE_LOG2
     diffs = crypten.cat([ms_f - _octave_thresholds(f_lo, f_hi, x.device), ms_c - _octave_thresholds(c_lo, c_hi, x.device),
                          ms_c - switch], dim=-1)
     bits = diffs.ge(0)  # (..., J_f + J_c + 1)
@@ -238,25 +268,30 @@ def _normalise(x: Secret, eps: float) -> Secret:
     both_f = crypten.cat([fine, ms_f, y_f], dim=-1)
     picked = both_f + use_coarse * (crypten.cat([coarse, ms_c, y_c], dim=-1) - both_f)
     u, ms, y0 = picked[..., :-2], picked[..., -2:-1], picked[..., -1:]
-    return u * _inv_sqrt_nr(ms, y0)
+    return mul_public_int(u, 2**NORM_MS_GAIN_LOG2) * _inv_sqrt_nr(ms, y0)
 
 
-# Octave ranges (log2) of the two mean squares: fine 16·ms for ms ∈ [1e-4, 16]; coarse ms/4096 for
-# ms ∈ [16, 2^24].
-_FINE_OCTAVES = (-10, 9)
-_COARSE_OCTAVES = (-9, 13)
+# Octave ranges (log2) of the two gained mean squares (G = 4): fine 64·ms for ms ∈ [1e-4, 16];
+# coarse ms/1024 for ms ∈ [16, 2^24].
+_FINE_OCTAVES = (-8, 11)
+_COARSE_OCTAVES = (-7, 15)
 
 
 def rms_norm(x: Secret, weight: Secret | Public, eps: float) -> Secret:
     """``[x / √(mean(x²) + eps) · w]`` over the last dim (E), Llama's RMSNorm.
 
     Public: shapes, eps (and w when public). Cost: 1 (squares) + 8 (cmp) + 1 (select) + 9 (NR) + 1
-    (+1 for a secret w) = 20–21 rounds; per row ≈ 4E mul + 41 cmp (E + 2 more mul for a secret w).
+    (+1 for a secret w) = 20–21 rounds; per row ≈ 4E mul + 40 cmp (E + 2 more mul for a secret w).
     Error: relative to the row's max |output| ≤ 2e-3 for |x| ≤ 2^15 and mean(x²) ∈ [1e-4, 2^24] — this covers every norm of
     SmolLM2-135M (mean squares 7e-3 … 1.0e6, |x| ≤ 2.4e4) and the tiny test models (2.6e-4 …).
-    Config: NORM_FINE_LOG2, NORM_COARSE_LOG2, NORM_SWITCH, INV_SQRT_NR_ITERS.
+    A public w is rounded to 2^−20 here (CrypTen's own product truncates w·2^16 toward zero: a
+    weight of 2.5e-3 on the 2.4e4 outlier channel, which sets the row max, was 0.6 % off); a secret
+    w is exact only to its owner's encoding (CrypTen: truncation to 2^−16), so the bound is
+    relative to that encoded w. Measured (40 runs, the test's rows): worst 1.3e-3 (tiny), 4.1e-4
+    (SmolLM2-like, public or secret w), 1.1e-3 / 4.8e-4 (layer_norm tiny / SmolLM2-like).
+    Config: NORM_FINE_LOG2, NORM_COARSE_LOG2, NORM_SWITCH, NORM_MS_GAIN_LOG2, INV_SQRT_NR_ITERS, COEF_FRAC_BITS.
     """
-    return _normalise(x, eps) * weight
+    return _weight(_normalise(x, eps), weight)
 
 
 def layer_norm(x: Secret, weight: Secret | Public, bias: Secret | Public, eps: float) -> Secret:
@@ -266,4 +301,9 @@ def layer_norm(x: Secret, weight: Secret | Public, bias: Secret | Public, eps: f
     Cost and error: as ``rms_norm`` with var in place of mean(x²).
     """
     centred = x - x.mean(-1, keepdim=True)
-    return _normalise(centred, eps) * weight + bias
+    return _weight(_normalise(centred, eps), weight) + bias
+
+
+def _weight(x: Secret, weight: Secret | Public) -> Secret:
+    """``[x]·w``: a public w rounded to 2^−20 (``_mul_public``), a secret one by a Beaver product."""
+    return x * weight if isinstance(weight, MPCTensor) else _mul_public(x, weight)

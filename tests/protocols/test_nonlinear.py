@@ -1,7 +1,9 @@
 """protocols.nonlinear vs torch on fresh random inputs, on real parties (TFP and the dealer).
 
 Tolerances are the docstrings' ``Error:`` bounds; input ranges include the ones measured on
-SmolLM2-135M and the tiny models (see the module docstring).
+SmolLM2-135M and the tiny models (see the module docstring). Public weights are exact floats; the
+SmolLM2-like rows put random N(0,1) weights on the 2.4e4 outlier channel, so tiny weights there
+(the case that needs ``_mul_public``'s rounding) come up in a few percent of seeds.
 """
 import math
 
@@ -30,9 +32,9 @@ def _job(seed: int, full: bool) -> dict[str, tuple[float, float]]:
     out = {}
     for shape in SHAPES:
         x = torch.rand(shape, generator=gen) * 36 - 32  # exp domain [-32, 4]
-        out[f"exp{shape}"] = ((dec(nl.exp(enc(x))) - x.exp()).abs() / (x.exp() + 2e-2)).max().item(), 1e-3
+        out[f"exp{shape}"] = ((dec(nl.exp(enc(x))) - x.exp()).abs() / (x.exp() + 2e-2)).max().item(), 2e-3
         x = torch.randn(shape, generator=gen) * 20
-        out[f"sigmoid{shape}"] = (dec(nl.sigmoid(enc(x))) - x.sigmoid()).abs().max().item(), 2e-4
+        out[f"sigmoid{shape}"] = (dec(nl.sigmoid(enc(x))) - x.sigmoid()).abs().max().item(), 4e-4
     x = torch.rand(2000, generator=gen) * 81 - 31  # SmolLM2 SiLU inputs [-31, 50]
     out["silu"] = ((dec(nl.silu(enc(x))) - F.silu(x)).abs() / (1 + x.abs())).max().item(), 2e-4
     x = torch.rand(2000, generator=gen) * 20 - 10
@@ -70,8 +72,11 @@ def _job(seed: int, full: bool) -> dict[str, tuple[float, float]]:
         ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
         got = dec(nl.rms_norm(enc(x), w, 1e-5))
         out[f"rms_norm_{name}"] = ((got - ref).abs().amax(-1) / ref.abs().amax(-1)).max().item(), 2e-3
+        # a secret w is what the owner's encoding holds: CrypTen truncates w·2^16 toward zero, so a
+        # weight of 1e-4 on the outlier channel is already 15 % off before any protocol step
+        held = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * ((w * 2**16).long() / 2**16)
         got = dec(nl.rms_norm(enc(x), enc(w), 1e-5))
-        out[f"rms_norm_{name}_secret_w"] = ((got - ref).abs().amax(-1) / ref.abs().amax(-1)).max().item(), 2e-3
+        out[f"rms_norm_{name}_secret_w"] = ((got - held).abs().amax(-1) / held.abs().amax(-1)).max().item(), 2e-3
         b = torch.randn(e, generator=gen)
         ref = F.layer_norm(x, (e,), w, b, 1e-5)
         got = dec(nl.layer_norm(enc(x), w, b, 1e-5))
