@@ -16,6 +16,8 @@ import importlib.util
 import sys
 import types
 
+import torch
+
 
 def _stub(name: str, **attrs: object) -> None:
     module = types.ModuleType(name)
@@ -40,3 +42,39 @@ import crypten.communicator as comm  # noqa: E402
 from crypten.mpc import MPCTensor  # noqa: E402
 
 __all__ = ["crypten", "comm", "MPCTensor"]
+
+
+def _patch_cuda_long_tensor() -> None:
+    """Make CrypTen's CUDA share wrapper work under torch >= 2.x's ``__torch_function__`` protocol.
+
+    CrypTen 0.4.1 defines ``CUDALongTensor.__torch_function__`` as a plain method that unwraps only
+    top-level arguments, so ``torch.cat([a, b])`` / ``torch.stack`` on CUDA shares re-dispatch to
+    it forever (RecursionError). This replacement is a classmethod that unwraps nested lists and
+    tuples and keeps CrypTen's own handlers; CPU shares are plain tensors and never get here.
+    """
+    from crypten.cuda import cuda_tensor as ct
+
+    def unwrap(x):
+        if isinstance(x, ct.CUDALongTensor):
+            return x.tensor()
+        if isinstance(x, (list, tuple)):
+            return type(x)(unwrap(t) for t in x)
+        return x
+
+    def wrap(r):
+        if torch.is_tensor(r):
+            return ct.CUDALongTensor(r)
+        if isinstance(r, (list, tuple)):
+            return type(r)(wrap(t) for t in r)
+        return r
+
+    def torch_function(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in ct.HANDLED_FUNCTIONS and all(issubclass(t, (torch.Tensor, ct.CUDALongTensor)) for t in types):
+            return ct.HANDLED_FUNCTIONS[func](*args, **kwargs)
+        return wrap(func(*unwrap(args), **{k: unwrap(v) for k, v in kwargs.items()}))
+
+    ct.CUDALongTensor.__torch_function__ = classmethod(torch_function)
+
+
+_patch_cuda_long_tensor()

@@ -24,10 +24,11 @@ log = logging.getLogger(__name__)
 CLIENT = 0
 
 
-def _share(x: torch.Tensor | None, shape: tuple[int, ...]) -> crypten.CrypTensor:
+def _share(x: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> crypten.CrypTensor:
     if comm.get().get_rank() == CLIENT:
         assert x is not None and tuple(x.shape) == shape, f"client must pass a tensor of shape {shape}"
-    return crypten.cryptensor(x.float() if comm.get().get_rank() == CLIENT else torch.zeros(shape), src=CLIENT)
+    value = x.float() if comm.get().get_rank() == CLIENT else torch.zeros(shape)
+    return crypten.cryptensor(value.to(device), src=CLIENT, device=device)
 
 
 def prefill_from_plaintext_kv(model: SecureTransformer, n_prompt: int,
@@ -51,10 +52,10 @@ def prefill_from_plaintext_kv(model: SecureTransformer, n_prompt: int,
         mine = comm.get().get_rank() == CLIENT
         k, v = kv[layer] if mine else (None, None)
         cache = block.attention.cache = SecretKVCache()
-        cache.append(_share(k, kv_shape), _share(v, kv_shape))
+        cache.append(_share(k, kv_shape, model.device), _share(v, kv_shape, model.device))
         p_win = None
         if w:
-            q = _share(window_queries[layer] if mine else None, (batch, a.n_heads, w, a.head_dim))
+            q = _share(window_queries[layer] if mine else None, (batch, a.n_heads, w, a.head_dim), model.device)
             q = (q * (1.0 / math.sqrt(a.head_dim))).reshape(batch, a.n_kv_heads, a.n_groups * w, a.head_dim)
             z = fixed_matmul(q, cache.keys, transpose_w=True)  # (B, Hkv, G·W, T0)
             p_win = softmax(z, dim=-1, mask=mask).view(batch, a.n_kv_heads, a.n_groups, w, n_prompt)
