@@ -34,7 +34,7 @@ $(CORPUS):
 	  || echo "warning: could not install python3.11-doc; prose perplexity tasks will be skipped"
 
 demo: setup
-	$(MPIRUN) -n 2 $(PY) -m mpcache.launch --prompt "What is the capital of France?" --max-new-tokens 8
+	$(MPIRUN) -n 2 $(PY) -m mpcache.launch --prompt "What is the capital of France?" --max-new-tokens 6
 
 test: setup
 	$(PY) -m pytest -q
