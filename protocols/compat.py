@@ -78,3 +78,27 @@ def _patch_cuda_long_tensor() -> None:
 
 
 _patch_cuda_long_tensor()
+
+
+def _patch_decoder() -> None:
+    """Decode fixed point exactly: ``v = ⌊t / s⌋ + (t mod s) / s``.
+
+    CrypTen 0.4.1's ``FixedPointEncoder.decode`` divides negative integers by ``s − 1`` instead of
+    ``s``, so a revealed value below −1 is off by exactly 1 whenever its remainder falls in a window
+    that grows with |v| (seen as a reproducible error of 1.0 in ``q·Kᵀ``). Only revealing is affected.
+    """
+    from crypten.encoder import FixedPointEncoder, nearest_integer_division
+
+    def decode(self, tensor):
+        if tensor is None:
+            return None
+        scale = self._scale
+        if scale > 1:
+            whole = tensor.div(scale, rounding_mode="floor")
+            return (whole.float() + (tensor - whole * scale).float() / scale).data
+        return nearest_integer_division(tensor, scale).data
+
+    FixedPointEncoder.decode = decode
+
+
+_patch_decoder()
