@@ -52,6 +52,13 @@ def _arith(x: Secret) -> ArithmeticSharedTensor:
     return tensor
 
 
+def _grow_dim(grow_dim: int | None, ndim: int) -> int | None:
+    """``grow_dim`` normalised to a non-negative index (None: the operand never grows)."""
+    if grow_dim is not None and not -ndim <= grow_dim < ndim:
+        raise ValueError(f"grow_dim {grow_dim} out of range for a {ndim}-D operand")
+    return None if grow_dim is None else grow_dim % ndim
+
+
 def _open(share: torch.Tensor) -> torch.Tensor:
     """Sum the parties' ring shares (1 round, ``2·n·8`` logged bytes per party)."""
     return comm.get().all_reduce(share)
@@ -67,10 +74,7 @@ class FixedMaskOperand:
 
     def __init__(self, value: Secret, *, grow_dim: int | None = None) -> None:
         w = _arith(value)
-        ndim = w.dim()
-        if grow_dim is not None and not -ndim <= grow_dim < ndim:
-            raise ValueError(f"grow_dim {grow_dim} out of range for a {ndim}-D operand")
-        self.grow_dim = None if grow_dim is None else grow_dim % ndim
+        self.grow_dim = _grow_dim(grow_dim, w.dim())
         self.encoder = w.encoder
         self._provider = fixed_mask_provider()
         self.key = self._provider.new_key()
@@ -153,10 +157,7 @@ class StockOperand:
 
     def __init__(self, value: Secret, *, grow_dim: int | None = None) -> None:
         w = _arith(value)
-        ndim = w.dim()
-        if grow_dim is not None and not -ndim <= grow_dim < ndim:
-            raise ValueError(f"grow_dim {grow_dim} out of range for a {ndim}-D operand")
-        self.grow_dim = None if grow_dim is None else grow_dim % ndim
+        self.grow_dim = _grow_dim(grow_dim, w.dim())
         self.encoder = w.encoder
         self._value = value
 
