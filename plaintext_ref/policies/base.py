@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Literal, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 Phase = Literal["prefill", "decode", "chunk"]
@@ -392,3 +393,28 @@ class TopKEviction(KVPolicy):
             return scores.repeat_interleave(hkv // h, dim=1)
         return scores
 
+
+
+def received_attention(probs: Tensor, kv: LayerKV) -> Tensor:
+    """Attention each slot received this forward, per query head, over the real (unpadded) queries.
+
+    probs: (B, H, S, T) weights of the S new slots' queries -> (B, Hkv, T, G) (H2O, Keyformer).
+    """
+    b, h, s, t = probs.shape
+    hkv = kv.k.shape[1]
+    real = kv.valid_mask()[:, 0, -s:].to(probs.dtype)                      # (B, S): the queries are the new slots
+    received = (probs * real[:, None, :, None]).sum(dim=2)                # (B, H, T)
+    return received.view(b, hkv, h // hkv, t).transpose(2, 3)             # (B, Hkv, T, G)
+
+
+def accumulate_received(old: Tensor | None, received: Tensor) -> Tensor:
+    """Running score: ``old`` (B, Hkv, T_old, G), zero for the new slots, plus ``received`` (B, Hkv, T, G)."""
+    if old is None:
+        return received
+    return received + F.pad(old, (0, 0, 0, received.shape[2] - old.shape[2]))
+
+
+def per_query_head(acc: Tensor) -> Tensor:
+    """(B, Hkv, T, G) -> (B, H, T), query head h = kv·G + g; the base reduces it over the GQA group."""
+    b, hkv, t, g = acc.shape
+    return acc.transpose(2, 3).reshape(b, hkv * g, t)

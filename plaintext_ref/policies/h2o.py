@@ -24,10 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch.nn.functional as F
 from torch import Tensor
 
-from plaintext_ref.policies.base import Budget, LayerKV, StepCtx, TopKEviction, protected_slots
+from plaintext_ref.policies.base import (Budget, LayerKV, StepCtx, TopKEviction, accumulate_received,
+                                         per_query_head, protected_slots, received_attention)
 
 ACC = "h2o_acc"   # LayerKV.aux key: (B, Hkv, T, G) attention received, per query head of each group
 
@@ -66,21 +66,11 @@ class H2O(TopKEviction):
 
     def _accumulate(self, ctx: StepCtx, kv: LayerKV) -> Tensor:
         """Old scores (zero for the S new slots) plus this forward's column sums over real queries."""
-        b, h, s, t = ctx.attn.shape
-        hkv = kv.k.shape[1]
-        real = kv.valid_mask()[:, 0, -s:].to(ctx.attn.dtype)                  # (B, S): the queries are the new slots
-        received = (ctx.attn * real[:, None, :, None]).sum(dim=2)              # (B, H, T)
-        received = received.view(b, hkv, h // hkv, t).transpose(2, 3)         # (B, Hkv, T, G)
-        old = kv.aux.get(ACC)
-        if old is None:
-            return received
-        return received + F.pad(old, (0, 0, 0, t - old.shape[2]))
+        return accumulate_received(kv.aux.get(ACC), received_attention(ctx.attn, kv))
 
     def score(self, ctx: StepCtx, kv: LayerKV) -> Tensor:
         """(B, H, T) accumulated attention per query head; the base reduces it over the GQA group."""
-        acc = kv.aux[ACC]                                                      # (B, Hkv, T, G)
-        b, hkv, t, g = acc.shape
-        return acc.transpose(2, 3).reshape(b, hkv * g, t)
+        return per_query_head(kv.aux[ACC])
 
     def protected(self, valid: Tensor, keep: int) -> Tensor:
         """The ⌊keep·recent_fraction⌋ most recent valid slots."""

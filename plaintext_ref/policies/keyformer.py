@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from plaintext_ref.policies.base import Budget, LayerKV, StepCtx, TopKEviction, protected_slots
+from plaintext_ref.policies.base import (Budget, LayerKV, StepCtx, TopKEviction, accumulate_received,
+                                         per_query_head, protected_slots, received_attention)
 
 ACC = "keyformer_acc"     # LayerKV.aux: (B, Hkv, T, G) accumulated Gumbel-softmax score per query head
 STEP = "keyformer_step"   # LayerKV.aux: int, forwards seen by the layer (t in τ_t)
@@ -98,23 +98,15 @@ class Keyformer(TopKEviction):
 
     def _accumulate(self, ctx: StepCtx, kv: LayerKV) -> None:
         """Add this forward's Gumbel-softmax column sums over real queries to ``kv.aux[ACC]``."""
-        b, h, s, t = ctx.logits.shape
-        hkv = kv.k.shape[1]
         step = kv.aux.get(STEP, 0)
         z = ctx.logits if not self.gumbel else ctx.logits + self.gumbel_noise(ctx.logits.shape, ctx.logits.device)
         probs = (z / self.temperature(step)).softmax(dim=-1).nan_to_num(0.0)      # (B, H, S, T)
-        real = kv.valid_mask()[:, 0, -s:].to(probs.dtype)                           # (B, S) the new slots
-        received = (probs * real[:, None, :, None]).sum(dim=2)                      # (B, H, T)
-        received = received.view(b, hkv, h // hkv, t).transpose(2, 3)               # (B, Hkv, T, G)
-        old = kv.aux.get(ACC)
-        kv.aux[ACC] = received if old is None else received + F.pad(old, (0, 0, 0, t - old.shape[2]))
+        kv.aux[ACC] = accumulate_received(kv.aux.get(ACC), received_attention(probs, kv))
         kv.aux[STEP] = step + 1
 
     def score(self, ctx: StepCtx, kv: LayerKV) -> Tensor:
         """(B, H, T) accumulated score per query head; the base reduces it over the GQA group."""
-        acc = kv.aux[ACC]                                                            # (B, Hkv, T, G)
-        b, hkv, t, g = acc.shape
-        return acc.transpose(2, 3).reshape(b, hkv * g, t)
+        return per_query_head(kv.aux[ACC])
 
     def protected(self, valid: Tensor, keep: int) -> Tensor:
         """The ⌊keep·recent_fraction⌋ most recent valid slots."""
