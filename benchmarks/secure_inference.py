@@ -116,10 +116,14 @@ def machine(device: str) -> dict:
 
 
 def merge(path: Path, rows: list[dict], device: str, info: dict) -> dict:
-    """Rows of ``path`` (if any) with ``rows`` replacing those of the same (model, mode, device)."""
+    """Rows of ``path`` (if any) with ``rows`` replacing those of the same (model, mode, device, provider)."""
     data = json.loads(path.read_text()) if path.exists() else {"rows": [], "machines": {}}
-    keep = {(r["model"], r["mode"], r["device"]) for r in rows}
-    data["rows"] = [r for r in data["rows"] if (r["model"], r["mode"], r["device"]) not in keep] + rows
+
+    def key(r: dict) -> tuple:
+        return r["model"], r["mode"], r["device"], r["provider"]
+
+    keep = {key(r) for r in rows}
+    data["rows"] = [r for r in data["rows"] if key(r) not in keep] + rows
     data["machines"][device] = info
     data["networks"] = {k: {"bandwidth_bps": b, "rtt_s": t} for k, (b, t) in NETWORKS.items()}
     return data
@@ -141,29 +145,30 @@ def markdown(data: dict) -> str:
               f"rounds·RTT with {nets}.",
               "- MB = wire bytes (mean of the two parties' logged sent+received bytes, CrypTen's "
               "convention) / 1e6. Provider TFP = correlations generated locally (NOT secure; the "
-              "dealer's traffic is not counted).", "",
-              "| model | mode | dev | P | setup MB | setup s | prefill MB | prefill rounds | prefill s "
+              "dealer's traffic is not counted); TTP = a separate dealer process (``-n 3``, secure against "
+              "either party; its traffic is logged by party 0 and included, see protocols.cost).", "",
+              "| model | mode | dev | provider | P | setup MB | setup s | prefill MB | prefill rounds | prefill s "
               "| prefill LAN s | decode MB/tok | decode rounds/tok | decode s/tok | decode LAN s/tok "
-              "| decode WAN s/tok |", "|" + "---|" * 15]
-    rows = sorted(data["rows"], key=lambda r: (r["model"], r["device"], r["mode"]))
+              "| decode WAN s/tok |", "|" + "---|" * 16]
+    rows = sorted(data["rows"], key=lambda r: (r["model"], r["device"], r["provider"], r["mode"]))
     for r in rows:
         s, p, d = r["setup"], r["prefill"], r["decode_per_token"] or {}
-        lines.append(f"| {r['model']} | {r['mode']} | {r['device']} | {r['prompt_tokens']} | "
+        lines.append(f"| {r['model']} | {r['mode']} | {r['device']} | {r['provider']} | {r['prompt_tokens']} | "
                      f"{_mb(s['wire_bytes'])} | {s['wall_s']:.1f} | {_mb(p['wire_bytes'])} | "
                      f"{p['rounds']:g} | {p['wall_s']:.1f} | {p['LAN_s']:.1f} | "
                      f"{_mb(d.get('wire_bytes', 0))} | {d.get('rounds', 0):g} | {d.get('wall_s', 0):.2f} | "
                      f"{d.get('LAN_s', 0):.2f} | {d.get('WAN_s', 0):.2f} |")
     lines += ["", "## Stock / fixed ratio (same model, device, context)", "",
-              "| model | dev | P | prefill bytes | decode bytes/tok | decode s/tok (here) | decode LAN s/tok |",
-              "|---|---|---|---|---|---|---|"]
-    by_key = {(r["model"], r["device"], r["mode"]): r for r in rows}
-    for (model, dev, mode), fixed in by_key.items():
-        stock = by_key.get((model, dev, "stock"))
+              "| model | dev | provider | P | prefill bytes | decode bytes/tok | decode s/tok (here) "
+              "| decode LAN s/tok |", "|---|---|---|---|---|---|---|---|"]
+    by_key = {(r["model"], r["device"], r["provider"], r["mode"]): r for r in rows}
+    for (model, dev, provider, mode), fixed in by_key.items():
+        stock = by_key.get((model, dev, provider, "stock"))
         if mode != "fixed" or stock is None or stock["prompt_tokens"] != fixed["prompt_tokens"]:
             continue
         fd, sd = fixed["decode_per_token"], stock["decode_per_token"]
         ratio = (lambda a, b: f"{a / b:.1f}×" if b else "—")
-        lines.append(f"| {model} | {dev} | {fixed['prompt_tokens']} | "
+        lines.append(f"| {model} | {dev} | {provider} | {fixed['prompt_tokens']} | "
                      f"{ratio(stock['prefill']['wire_bytes'], fixed['prefill']['wire_bytes'])} | "
                      f"{ratio(sd['wire_bytes'], fd['wire_bytes'])} | {ratio(sd['wall_s'], fd['wall_s'])} | "
                      f"{ratio(sd['LAN_s'], fd['LAN_s'])} |")
@@ -171,7 +176,7 @@ def markdown(data: dict) -> str:
     for r in rows:
         parts = [f"{k} {_mb(v['wire_bytes'])} / {v['rounds']:g} / {v['wall_s']:.2f}"
                  for k, v in r["decode_stages"].items()]
-        lines.append(f"- {r['model']} {r['mode']} {r['device']}: " + "; ".join(parts))
+        lines.append(f"- {r['model']} {r['mode']} {r['device']} {r['provider']}: " + "; ".join(parts))
     lines += ["", "## Published anchors (published, different systems/settings: for context only)", "",
               "| system | setting | workload | latency s | comm GB |", "|---|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {t:.2f} | {g / 1e9:.2f} |" for a, b, c, t, g in PUBLISHED]
