@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from launch.local import run_parties
+from protocols.dealer import serve
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ns.modes:
             t0 = time.perf_counter()
             result = run_parties(party, name, mode, ns.prompt_tokens, ns.new_tokens, ns.device,
-                                 dealer=ns.dealer, timeout=ns.timeout)[0]
+                                 dealer=ns.dealer, dealer_main=serve if ns.dealer else None,
+                                 timeout=ns.timeout)[0]
             row = row_of(name, mode, ns.device, ns.prompt_tokens, ns.new_tokens, result,
                          time.perf_counter() - t0)
             data = merge(out, [row], ns.device, info)
