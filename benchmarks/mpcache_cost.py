@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -67,8 +68,10 @@ def build_policy(name: str, meter, prompt_len: int):
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
-    """n real-text token ids (the project's notes, repeated if short)."""
-    text = "\n".join(p.read_text() for p in sorted(Path("/work/shared").rglob("*.md")))
+    """n real-text token ids (this repository's Markdown, repeated if short; costs do not depend on
+    the values, only the decoded tokens do)."""
+    root = Path(__file__).resolve().parents[1]
+    text = "\n".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
     ids = list(tokenizer(text)["input_ids"])
     return (ids * (n // max(len(ids), 1) + 1))[:n]
 
@@ -228,11 +231,11 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}×" if b else "–"
 
 
-def markdown(recs: list[dict], machine: str) -> str:
+def markdown(recs: list[dict], machines: dict[str, str]) -> str:
     """The report: one table per (device, layers) of simulated decode, the real prefill table, context."""
     lines = ["# MPCache per-token decode cost vs context length", "",
              f"Model: SmolLM2-135M-Instruct (real weights), first L decoder layers + real LM head and secure "
-             f"argmax. Machine: {machine}. LAN = 1 Gbps, 0.5 ms RTT; WAN = 100 Mbps, 40 ms RTT; projection "
+             f"argmax. Machines: {'; '.join(f'{d}: {m}' for d, m in sorted(machines.items()))}. LAN = 1 Gbps, 0.5 ms RTT; WAN = 100 Mbps, 40 ms RTT; projection "
              "T = compute + 8·bytes/bandwidth + rounds·RTT (protocols.cost.project).", "",
              "**SIMULATION (NOT PRIVATE), as the MPCache authors' artifact:** the client computes the prompt "
              "KV cache in plaintext and secret-shares it (plus the window queries); static eviction and every "
@@ -341,12 +344,13 @@ def main(argv: list[str] | None = None) -> None:
     new = [summarise(r, ns.layers, ns.device) for r in raw[0]]
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     recs = merge(ns.out, new)
-    machine = (torch.cuda.get_device_name() if ns.device == "cuda" else
-               f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    machines = json.loads(ns.out.read_text()).get("machines", {}) if ns.out.exists() else {}
+    machines[ns.device] = (f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores" if ns.device == "cuda" else
+                           f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     ns.out.write_text(json.dumps({"note": "decode records use a SIMULATION prefill (plaintext KV shared by the "
                                           "client): NOT private; see the .md", "paper": PAPER,
-                                  "networks": [LAN, WAN], "records": recs}, indent=1))
-    ns.out.with_suffix(".md").write_text(markdown(recs, machine))
+                                  "networks": [LAN, WAN], "machines": machines, "records": recs}, indent=1))
+    ns.out.with_suffix(".md").write_text(markdown(recs, machines))
     made = plots(recs, ns.out)
     log.info("wrote %s, %s and %s in %.0f s", ns.out, ns.out.with_suffix(".md"), made, time.perf_counter() - t0)
 

@@ -165,61 +165,91 @@ def _bitonic_sort_desc(v: Secret) -> Secret:
     return v
 
 
-def _sorted_keys(x: Secret) -> tuple[Secret, Secret]:
-    """Distinct keys of the last dim and the same keys bitonic-sorted descending (padded)."""
-    key = _distinct_keys(x)
-    n = x.size(-1)
+# Up to this many entries the top-k mask ranks by all pairwise comparisons (2 comparison rounds)
+# instead of a bitonic sort (L(L+1)/2 + 1 rounds): n = 32 → 18 vs 144 rounds, for ≈ 2× the bytes.
+PAIRWISE_MAX = 128
+
+
+def _sorted_keys(key: Secret) -> Secret:
+    """The distinct keys of the last dim bitonic-sorted descending, padded to a power of two."""
+    n = key.size(-1)
     n_pad = 1 << max(0, math.ceil(math.log2(n)))
     if n_pad == n:
-        return key, _bitonic_sort_desc(key)
+        return _bitonic_sort_desc(key)
     pad = key[..., :1] * 0
     pad = crypten.cat([pad] * (n_pad - n), dim=-1)
     pad.share = pad.share - 2**60  # raw keys below every real key (|real| < 2^62); added by all
-    return key, _bitonic_sort_desc(crypten.cat([key, pad], dim=-1))
+    return _bitonic_sort_desc(crypten.cat([key, pad], dim=-1))
+
+
+def _pairwise_rank(key: Secret) -> Secret:
+    """``[r_i] = #{j : key_j > key_i}`` (scale-1 integers) for distinct keys along the last dim.
+
+    One batched comparison ``[c_p] = [key_i ≥ key_j]`` per unordered pair p = (i < j); then, locally,
+    j beats i iff (j < i and c_(j,i)) or (j > i and not c_(i,j)): a public gather of [c ‖ 1 − c ‖ 0]
+    into an (n, n) matrix summed over j. Cost: n(n−1)/2 comparisons (9 rounds). Exact.
+    """
+    n = key.size(-1)
+    first, second = torch.triu_indices(n, n, 1, device=key.device)  # pairs p = (i < j)
+    c = key[..., first].ge(key[..., second])  # (..., P), scale-1 bits
+    beats = crypten.cat([c, 1 - c, key[..., :1] * 0], dim=-1)  # (..., 2P + 1), scale 1 (c's encoder)
+    n_pairs = first.numel()
+    pair = torch.full((n, n), 2 * n_pairs, dtype=torch.long, device=key.device)  # diagonal: the 0
+    p = torch.arange(n_pairs, device=key.device)
+    pair[second, first] = p  # row i = second > j = first: j beats i iff c_(j,i)
+    pair[first, second] = n_pairs + p  # row i = first < j = second: j beats i iff 1 − c_(i,j)
+    return beats[..., pair.view(-1)].view(*key.size(), n).sum(-1)
+
+
+def _top_mask(key: Secret, k: int) -> Secret:
+    """0/1 ``[m]`` (scale 1) of the k largest distinct keys along the last dim: pairwise ranks
+    ``[r_i < k]`` for n ≤ ``PAIRWISE_MAX``, else the bitonic k-th key ``τ`` and ``[key_i ≥ τ]``."""
+    if key.size(-1) <= PAIRWISE_MAX:
+        return _pairwise_rank(key).lt(k)
+    return (key - _sorted_keys(key)[..., k - 1: k]).ge(0)
 
 
 def topk_mask(x: Secret, k: int, dim: int = -1) -> Secret:
     """0/1 ``[m]`` with exactly ``k`` ones at the k largest entries of ``[x]`` along ``dim``.
 
-    Steps: 1. distinct keys ``x·2^b − i`` (local; ties → lower index wins). 2. bitonic sort of the
-    keys, padded to n_pad = 2^⌈log2 n⌉ with public keys below every real one. 3. ``[τ]`` = the k-th
-    sorted key; ``[m_i] = [key_i ≥ τ]`` (1 cmp on n).
-    Public: shape, k. Cost: L = log2 n_pad; (L(L+1)/2 + 1)·9 rounds (n = 256: 333, n = 8192: 828);
-    bytes ≈ (L(L+1)/4·464 + 432)·n_pad per row (n = 8192: 21 MB per row).
-    Error: exact (selection). Domain: |x| < 2^(46 − ⌈log2 n⌉), 1 ≤ k ≤ n.
+    Steps: 1. distinct keys ``x·2^b − i`` (local; ties → lower index wins). 2. n ≤ ``PAIRWISE_MAX``:
+    ``[m_i] = [#{j : key_j > key_i} < k]`` from all n(n−1)/2 pairwise comparisons (2 comparison
+    rounds: 18 rounds, ≈ 432·(n(n−1)/2 + n) bytes per row). Larger n: bitonic sort of the keys,
+    padded to n_pad = 2^⌈log2 n⌉ with public keys below every real one, ``[τ]`` = the k-th sorted
+    key, ``[m_i] = [key_i ≥ τ]``: L = log2 n_pad, (L(L+1)/2 + 1)·9 rounds (n = 256: 333, n = 8192:
+    828), bytes ≈ (L(L+1)/4·464 + 432)·n_pad per row (n = 8192: 21 MB per row).
+    Public: shape, k. Error: exact (selection). Domain: |x| < 2^(46 − ⌈log2 n⌉), 1 ≤ k ≤ n.
     """
     xt = _last(x, dim)
     _check_k(k, xt.size(-1))
-    key, key_sorted = _sorted_keys(xt)
-    mask = (key - key_sorted[..., k - 1 : k]).ge(0)
-    return _unlast(mask, dim, x)
+    return _unlast(_top_mask(_distinct_keys(xt), k), dim, x)
 
 
 def topk_onehot(x: Secret, k: int, dim: int = -1, *, sort_by_index: bool = True) -> Secret:
     """One-hot rows ``[E]`` (..., k, n) of the k largest entries of ``[x]`` along ``dim``.
 
     ``sort_by_index=True``: rows in ascending position (order-preserving compaction, cluster
-    adjacency): ``[m]`` = topk_mask; ``[p] = cumsum([m]) − 1`` (local); bits of ``[p]`` (A2B);
-    ``E[r, i] = [m_i]·[p_i = r]`` as a tensor product of the T = ⌈log2 k⌉ bits.
-    ``sort_by_index=False``: rows by descending value: the low b bits of the first k sorted keys
-    are the indices; their one-hots over n by the same tensor product.
+    adjacency): ``[m]`` = the top-k mask (as ``topk_mask``); ``[p] = cumsum([m]) − 1`` (local);
+    bits of ``[p]`` (A2B); ``E[r, i] = [m_i]·[p_i = r]`` as a tensor product of the T = ⌈log2 k⌉ bits.
+    ``sort_by_index=False``: rows by descending value (always a bitonic sort): the low b bits of the
+    first k sorted keys are the indices; their one-hots over n by the same tensor product.
     ``dim`` must be the last dim (rows are added before it).
-    Public: shape, k. Cost: topk_mask + 8 (A2B) + 1 (B2A) + T rounds; ≈ 2·2^T·n products per row
+    Public: shape, k. Cost: the mask + 8 (A2B) + 1 (B2A) + T rounds; ≈ 2·2^T·n products per row
     (by position), or ≈ 2·n_pad·k (by value). Error: exact (0/1, scale 1).
     """
     if dim not in (-1, x.dim() - 1):
         raise ValueError("topk_onehot works on the last dim")
     n = x.size(-1)
     _check_k(k, n)
-    key, key_sorted = _sorted_keys(x)
+    key = _distinct_keys(x)
     if sort_by_index:
-        mask = (key - key_sorted[..., k - 1 : k]).ge(0)  # (..., n)
+        mask = _top_mask(key, k)  # (..., n)
         pos = mask.cumsum(-1) - 1
         n_bits = max(1, math.ceil(math.log2(k)))
         rows = _onehot_from_bits(_index_bits(pos, n_bits), gate=mask)  # (..., n, 2^T)
         return rows.transpose(-1, -2)[..., :k, :]
     n_bits = max(1, math.ceil(math.log2(n)))
-    rows = _onehot_from_bits(_index_bits(-key_sorted[..., :k], n_bits))  # (..., k, 2^b)
+    rows = _onehot_from_bits(_index_bits(-_sorted_keys(key)[..., :k], n_bits))  # (..., k, 2^b)
     return rows[..., :n]
 
 

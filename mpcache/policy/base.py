@@ -169,13 +169,13 @@ def window_scores(p_win: Secret) -> Secret:
 def protect(scores: Secret, keep: Public, bonus: float) -> Secret:
     """[s] + bonus on the public 0/1 positions ``keep`` (T,); with bonus > max |s| they always win a
     top-k. Local."""
-    return scores + keep.float() * bonus
+    return scores + keep.to(scores.device).float() * bonus
 
 
 def static_onehot(scores: Secret, n_keep: int) -> Secret | None:
     """[E] (B, K, T0): one-hot rows of the top-``n_keep`` scores in position order; None if K = T0.
 
-    Public: K, T0. Cost: ``topk_onehot`` over T0 (bitonic sort, ⌈log2 K⌉-bit one-hot).
+    Public: K, T0. Cost: ``topk_onehot`` over T0 (bitonic sort for T0 > 128, ⌈log2 K⌉-bit one-hot).
     """
     if n_keep >= scores.shape[-1]:
         return None

@@ -28,7 +28,8 @@ element, the dominant term) runs over |D_t| instead of T'. The paper-literal K/V
 k·C_mid + 2·T'·D per KV head (D = 64 ≫ G), so it is not implemented.
 
 Selection cost per step and own layer: summaries 2·D·(#levels) comparisons (one batched round trip),
-scores one Beaver product over Σ_l C_l·D, then one bitonic top-k per level over C_mid (sequential).
+scores one Beaver product over Σ_l C_l·D, then one top-k per level over C_mid (sequential; by
+pairwise ranks, 2 comparison rounds, while C_mid ≤ ``protocols.selection.PAIRWISE_MAX`` = 128).
 Public: T0, T', K, W, C_l, k_l, the forced clusters, α, the sharing pattern. Secret: [s], [E],
 every [score], [m], [O]. Nothing is revealed.
 
@@ -139,7 +140,7 @@ def _candidate_bias(parent: Secret | None, prange: tuple[int, int], fan: int, rn
     """
     lo, hi = rng
     plo, phi = prange
-    parents = torch.arange(lo, hi) // fan
+    parents = torch.arange(lo, hi, device=like.device) // fan
     secret_parent = (parents >= plo) & (parents < phi)
     bias = like * 0 + torch.where(secret_parent, -NOT_CANDIDATE, 0.0)
     if parent is None:

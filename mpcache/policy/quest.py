@@ -80,7 +80,7 @@ class Quest(MPCPolicy):
         with self.meter.stage("attention"):
             k_sel, v_sel = fixed_matmul(e, cache.keys), fixed_matmul(e, cache.values)  # (B, Hkv, k·P, D)
             logits = q.matmul(k_sel.transpose(-1, -2))  # (B, Hkv, G, D) x (B, Hkv, D, k·P)
-            pad = torch.zeros(c, p)
+            pad = torch.zeros(c, p, device=q.device)
             pad.view(-1)[t:] = 1.0  # slots past T' in the last page
             if t % p:
                 flag = o.matmul(pad)  # (B, Hkv, k, P): 1 on gathered padding slots (public matmul: local)

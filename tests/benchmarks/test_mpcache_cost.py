@@ -33,7 +33,7 @@ def test_merge_replaces_same_key_and_keeps_others(tmp_path):
     assert len(recs) == 4
     got = [r for r in recs if (r["policy"], r["length"]) == ("mpcache", 512)]
     assert got == [redo]
-    md = markdown(recs, "test machine")
+    md = markdown(recs, {"cpu": "test machine"})
     assert "SIMULATION (NOT PRIVATE)" in md and "| 512 | mpcache |" in md
 
 

@@ -97,14 +97,20 @@ def test_cli_help_lists_every_flag():
 @pytest.mark.mpc
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("policy", ["full", "mpcache"])
-def test_cli_on_cuda(tmp_path, policy):
-    """Both parties on the GPU: the full cache gives the plaintext tokens; MPCache runs to the end."""
+@pytest.mark.parametrize("policy,knobs", [
+    ("full", ()), ("mpcache", ()),
+    ("mpcache", ("--cluster-sizes", "16,8", "--level-ratios", "0.5,0.25", "--static-keep", "0.5")),
+    ("streamingllm", ("--n-sink", "4", "--n-recent", "32")), ("h2o", ("--budget", "0.25")),
+    ("snapkv", ("--budget", "0.5")), ("quest", ("--budget", "32", "--page-size", "8"))])
+def test_cli_on_cuda(tmp_path, policy, knobs):
+    """Both parties on the GPU: the full cache gives the plaintext tokens; every policy runs to the
+    end (public tensors must follow the shares onto the device); the second MPCache case has two
+    levels, so the parent-candidate bias runs."""
     from plaintext_ref.models import load_tokenizer
     out_file = tmp_path / "run.json"
     prompt = " ".join([PROMPT] * 12)  # > 2 clusters of 16, so MPCache's selection really runs
     run = _cli("--model", "tiny-llama", "--prompt", prompt, "--raw", "--max-new-tokens", "3",
-               "--device", "cuda", "--kv-policy", policy, "--json-out", str(out_file), n=2)
+               "--device", "cuda", "--kv-policy", policy, *knobs, "--json-out", str(out_file), n=2)
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads(out_file.read_text())
     if policy == "full":
