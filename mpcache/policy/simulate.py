@@ -22,6 +22,7 @@ from protocols.nonlinear import softmax
 
 log = logging.getLogger(__name__)
 CLIENT = 0
+CHUNK_ELEMENTS = 1 << 24  # window-softmax elements per chunk: bounds the memory of long prompts (8K)
 
 
 def _share(x: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> crypten.CrypTensor:
@@ -57,6 +58,18 @@ def prefill_from_plaintext_kv(model: SecureTransformer, n_prompt: int,
         if w:
             q = _share(window_queries[layer] if mine else None, (batch, a.n_heads, w, a.head_dim), model.device)
             q = (q * (1.0 / math.sqrt(a.head_dim))).reshape(batch, a.n_kv_heads, a.n_groups * w, a.head_dim)
-            z = fixed_matmul(q, cache.keys, transpose_w=True)  # (B, Hkv, G·W, T0)
-            p_win = softmax(z, dim=-1, mask=mask).view(batch, a.n_kv_heads, a.n_groups, w, n_prompt)
+            p_win = window_softmax(q, cache, mask).view(batch, a.n_kv_heads, a.n_groups, w, n_prompt)
         policy.after_prefill(layer, cache, p_win)
+
+
+def window_softmax(q: crypten.CrypTensor, cache: SecretKVCache, mask: torch.Tensor) -> crypten.CrypTensor:
+    """softmax([q] [K]ᵀ, mask) for q (B, Hkv, R, D) over the cache, R rows at a time in chunks of at
+    most ``CHUNK_ELEMENTS`` logits (rows are independent): same result, bounded memory, one softmax's
+    rounds per chunk. mask (R, T0) public."""
+    b, hkv, r, _ = q.shape
+    rows = max(1, CHUNK_ELEMENTS // (b * hkv * cache.length))
+    out = []
+    for i in range(0, r, rows):
+        z = fixed_matmul(q[:, :, i:i + rows], cache.keys, transpose_w=True)  # (B, Hkv, rows, T0)
+        out.append(softmax(z, dim=-1, mask=mask[i:i + rows]))
+    return out[0] if len(out) == 1 else crypten.cat(out, dim=2)
