@@ -8,7 +8,10 @@ static eviction (window attention, top-k, compaction) and every decode step then
 Per (policy, T0): ``--new-tokens`` decode steps (forward + secure argmax); per-token bytes and rounds
 (exact, deterministic), median step seconds, and the projection ``compute + 8·bytes/bw + rounds·RTT``
 on LAN and WAN. The constant head (embedding, final norm, LM head, argmax) is reported apart; the
-"extrapolated" 30-layer cost is head + (decode − head)/L · 30 (ignores cross-layer sharing).
+"extrapolated" 30-layer cost is head + (decode − head)/L · 30 (every layer selecting); for ``mpcache``
+the "with sharing" figure also subtracts the selection stage (``kv_select``/L) of each of the layers
+that reuse their partner's indices under the default pattern (14 of 30; with L = 2 no layer shares,
+so sharing itself is only extrapolated).
 
 Budgets: every baseline attends as many tokens per decode step as MPCache (defaults) at that T0
 (``MPCache.describe(T0)["attended_last_step"]``). Ablation names: mpcache-static (static eviction
@@ -207,6 +210,14 @@ def summarise(raw: dict, layers: int, device: str) -> dict:
         head, layer = dec["head"], dec["per_layer"]
         ext = {k: head[k] + layer[k] * FULL_LAYERS for k in head}
         rec["extrapolated_30_layers"] = dict(ext, **{f"{n['name']}_s": _project(ext, n) for n in (LAN, WAN)})
+        if raw["policy"] == "mpcache":
+            from mpcache.config import MPCacheConfig
+            shared = sum(MPCacheConfig().shares_with(l) is not None for l in range(FULL_LAYERS))
+            sel = dec["stages"].get("kv_select", {"wire_bytes": 0.0, "rounds": 0.0, "wall_s": 0.0})
+            saved = {"wire_bytes": sel["wire_bytes"], "rounds": sel["rounds"], "compute_s": sel["wall_s"]}
+            shr = {k: ext[k] - shared * saved[k] / layers for k in ext}
+            rec["extrapolated_30_layers_shared"] = dict(shr, shared_layers=shared,
+                                                        **{f"{n['name']}_s": _project(shr, n) for n in (LAN, WAN)})
         rec["decode"] = dict(dec, **{f"{n['name']}_s": _project(dec["total"], n) for n in (LAN, WAN)})
     else:
         rec["decode"] = dict(dec, **{f"{n['name']}_s": _project(dec, n) for n in (LAN, WAN)})
@@ -253,6 +264,7 @@ def markdown(recs: list[dict], machines: dict[str, str]) -> str:
                   "| T0 | policy | attended | MB/token | ×full | rounds | median s | LAN s | WAN s | WAN ×full "
                   "| 30L MB (extrap.) | 30L ×full | 30L WAN s (extrap.) | static-evict MB (once) |",
                   "|" + "---|" * 14]
+        shared_rows = []
         for r in group:
             d, f = r["decode"], full.get(r["length"])
             e = r["extrapolated_30_layers"]
@@ -265,6 +277,17 @@ def markdown(recs: list[dict], machines: dict[str, str]) -> str:
                 f"{d['total']['rounds']:.0f} | {r['median_step_s']:.2f} | {d['LAN_s']:.2f} | {d['WAN_s']:.2f} | "
                 f"{_ratio(fw, d['WAN_s'])} | {e['wire_bytes'] / 1e6:.1f} | {_ratio(fe['wire_bytes'], e['wire_bytes'])} | "
                 f"{e['WAN_s']:.1f} | {r['sim_prefill']['wire_bytes'] / 1e6:.1f} |")
+            s = r.get("extrapolated_30_layers_shared")
+            if s and f:
+                fe_full = f["extrapolated_30_layers"]
+                shared_rows.append(f"| {r['length']} | {s['shared_layers']} | {s['wire_bytes'] / 1e6:.1f} | "
+                                   f"{_ratio(fe_full['wire_bytes'], s['wire_bytes'])} | {s['rounds']:.0f} | "
+                                   f"{s['WAN_s']:.1f} | {_ratio(fe_full['WAN_s'], s['WAN_s'])} |")
+        if shared_rows:
+            lines += ["", "MPCache with cross-layer sharing, 30 layers (extrapolated: the shared layers skip "
+                          "the measured per-layer selection cost):", "",
+                      "| T0 | sharing layers | 30L MB | ×full | 30L rounds | 30L WAN s | WAN ×full |",
+                      "|---|---|---|---|---|---|---|", *shared_rows]
         head = group[0]["decode"]["head"]
         lines += ["", f"Constant head per token (embedding + final norm + LM head + argmax, same for every "
                       f"policy): {head['wire_bytes'] / 1e6:.2f} MB, {head['rounds']:.0f} rounds.", ""]

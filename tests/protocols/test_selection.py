@@ -8,7 +8,8 @@ from tests.protocols.conftest import run_on
 pytestmark = pytest.mark.mpc
 
 # (n, k): lengths that are and are not multiples of the cluster size 32; k ∈ {1, mid, n}
-CASES = [(1, 1), (2, 1), (7, 3), (31, 5), (32, 32), (33, 8), (64, 13), (100, 1), (100, 100)]
+# n ≤ PAIRWISE_MAX (256) ranks pairwise, n = 300 takes the bitonic path
+CASES = [(1, 1), (2, 1), (7, 3), (31, 5), (32, 32), (33, 8), (64, 13), (100, 1), (100, 100), (300, 77)]
 
 
 def _distinct(gen, *shape):
