@@ -215,8 +215,9 @@ def inv_sqrt(x: Secret, lo_log2: int = INV_SQRT_RANGE_LOG2[0], hi_log2: int = IN
     Steps: 1. octave guess y0 = 2^−(j+½)/2 on [2^j, 2^(j+1)) (1 batched cmp on hi−lo−1 thresholds).
     2. NR ``y ← [y]·(1.5 − 0.5·([x][y])[y])`` (3 rounds each: [y]² alone would lose precision).
     Public: shape, the range. Cost: 8 + 3·iters rounds (17 by default); (hi−lo−1)·n cmp + 3·iters·n mul.
-    Error: relative ≤ 2e-3 on [2^−8, 2^12] (NR: 3e-5; the rest is fixed-point rounding of x and of
-    y ≥ 2^−6); ≤ 5e-2 on [2^−12, 2^−8] (x itself has only 16–256 ulps there). Outside [2^lo, 2^hi] the guess is an end octave's and NR may diverge.
+    Error on [2^−8, 2^12]: |Δy| ≤ y·(3e-5 + 2^−17/x + 2^−17/√x) + 3·2^−16 (NR 3e-5 relative;
+    encoding x and truncating x·y ≈ √x to 2^−16 move y by the next two terms; the last products
+    round y by ≤ 3 ulps), i.e. relative ≤ 2.1e-3 at the low end and ≤ 3e-3 at the top (y = 2^−6); ≤ 5e-2 on [2^−12, 2^−8] (x has only 16–256 ulps there). Outside [2^lo, 2^hi] the guess is an end octave's and NR may diverge.
     Config: INV_SQRT_RANGE_LOG2, INV_SQRT_NR_ITERS.
     """
     return _inv_sqrt_nr(x, _octave_guess(x, lo_log2, hi_log2, _inv_sqrt_at), iters)
