@@ -1,15 +1,12 @@
 """mpcache.policy.simulate (the labelled, NOT private, simulation prefill) vs a real MPC prefill.
 
 On tiny-llama with MPCache: the client shares its plaintext KV cache and window queries; the static
-set chosen in MPC (decoded IN THE TEST ONLY) must equal the plaintext twin's, with the window softmax
-in one piece and in many row chunks (``CHUNK_ELEMENTS``, the 8K memory bound), and as after a real
-MPC prefill; the next step's cluster picks must agree, and its logits must be near the twin's.
-
-Logit tolerance: ``GROSS_ATOL``, not the 1e-2 of the full-cache tests. Decoding over a statically
-compacted cache (in simulation and after a real prefill alike) shows an intermittent deviation of
-0.02–0.12 in about one run in seven while the compacted K/V are exact and the selections identical:
-a known, not yet explained precision defect (see the closing note of 2026-11-24); a wrong static set
-or cluster pick is caught exactly by the selection checks.
+set of every layer chosen in MPC (decoded IN THE TEST ONLY) must equal the plaintext twin's — with the
+window softmax in one piece, in many row chunks (``CHUNK_ELEMENTS``, the 8K memory bound), and after a
+real MPC prefill — except where the twin's scores at the top-K boundary lie within the fixed-point
+error (the random model's window attention is nearly flat, so such near-ties are common: about one
+run in two flips a token in some layer). Runs that kept exactly the twin's sets must give the twin's
+next-step logits within 1e-2.
 """
 from __future__ import annotations
 
@@ -23,7 +20,8 @@ from plaintext_ref.policies import mpcache as twin
 pytestmark = pytest.mark.mpc
 
 CFG = MPCacheConfig(static_keep=0.5, cluster_sizes=(16, 8), level_ratios=(0.5, 0.25))
-GROSS_ATOL = 0.25  # see the module docstring
+LOGIT_ATOL = 1e-2  # as tests/mpcache/test_secure_model.py
+NEAR_TIE = 5e-3  # fixed-point error of a static score (twin units: Σ_window mean_h P)
 NEXT = 42  # the token fed to the decode step
 
 
@@ -47,9 +45,8 @@ def _job(ids: list[int], chunks: list[int]) -> dict:
     def step() -> None:
         x = share_tokens([NEXT] if rank == 0 else None, 1, args.vocab_size)
         out["logits"].append(model.forward(x, torch.tensor([n]))[0, 0].get_plain_text().tolist())
-        out["static"].append(policy._static[0].get_plain_text()[0].argmax(-1).tolist())
-        out.setdefault("picks", []).append([None if p is None else p.get_plain_text().tolist()
-                                            for p in policy._selection[0].picks])
+        out["static"].append([policy._static[layer].get_plain_text()[0].argmax(-1).tolist()
+                              for layer in range(args.n_layers)])
 
     for chunk in chunks:
         policy = MPCache(None, CFG)
@@ -67,23 +64,37 @@ def _job(ids: list[int], chunks: list[int]) -> dict:
     return out
 
 
+class _Twin(twin.MPCache):
+    """The twin, recording every layer's static scores (B = 1)."""
+
+    def on_prefill(self, ctx, kv):
+        w = self.config.window(kv.n)
+        attn = twin.causal_window_attention(ctx.q[:, :, -w:], kv.k, ctx.scaling, kv.valid)
+        self.__dict__.setdefault("scores", {})[ctx.layer_idx] = twin.static_scores(attn)[0]
+        return super().on_prefill(ctx, kv)
+
+
 def test_simulation_prefill_matches_twin_and_real_prefill():
     from plaintext_ref.models import load_model
-    from plaintext_ref.runtime import generate
+    from plaintext_ref.runtime import teacher_forced_logits
 
     hf, tok, _ = load_model("tiny-llama")
     ids = tok("The lighthouse keeper climbed the spiral stairs every evening at dusk and wrote the "
               "weather in a worn leather log: wind from the west, a grey swell, two boats. " * 3)["input_ids"][:96]
-    # one piece, and chunks of a few rows (tiny-llama: B·Hkv·T0 logits per row)
+    # one piece, and chunks of a few rows (tiny-llama: B·Hkv·T0 logits per row), then a real prefill
     got = run_parties(_job, ids, [1 << 24, 3 * 96], timeout=600)[0]
-    ref = twin.MPCache(config=CFG)
-    generate(hf, torch.tensor([ids]), ref, max_new_tokens=1, eos_token_id=[])
-    want = sorted(ref._static[0][0].tolist())
-    whole, chunked, real = got["static"]
-    assert whole == chunked == want, f"static sets: whole {whole}, chunked {chunked}, twin {want}"
-    assert real == want, f"real-prefill static set {real} != twin {want}"
-    assert got["picks"][0] == got["picks"][1] == got["picks"][2], got["picks"]
-    from plaintext_ref.runtime import teacher_forced_logits
-    plain = teacher_forced_logits(hf, torch.tensor([ids + [NEXT, 0]]), len(ids), twin.MPCache(config=CFG))[0, 1]
-    err = [(torch.tensor(x) - plain).abs().max().item() for x in got["logits"]]
-    assert max(err) < GROSS_ATOL, f"logits vs the twin: whole {err[0]:.4f}, chunked {err[1]:.4f}, real {err[2]:.4f}"
+    ref = _Twin(config=CFG)
+    plain = teacher_forced_logits(hf, torch.tensor([ids + [NEXT, 0]]), len(ids), ref)[0, 1]
+    k = CFG.n_keep(len(ids))
+    for run, (static, logits) in enumerate(zip(got["static"], got["logits"])):
+        exact = True
+        for layer, kept in enumerate(static):
+            want = ref._static[layer][0].tolist()
+            if kept != want:
+                ranked = ref.scores[layer].sort(descending=True).values
+                gap = (ranked[k - 1] - ranked[k]).item()
+                assert gap < NEAR_TIE, f"run {run} layer {layer}: static set {kept} != twin {want} (gap {gap:.4f})"
+                exact = False
+        if exact:
+            err = (torch.tensor(logits) - plain).abs().max().item()
+            assert err < LOGIT_ATOL, f"run {run}: logits differ from the twin's by {err:.4f}"
