@@ -14,26 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from launch.local import run_parties
+from tests.mpcache.helpers import to_lists as _lists
+from tests.mpcache.helpers import to_tensors as _tensors
 
 pytestmark = pytest.mark.mpc
 
 B, HKV, G, D = 1, 2, 2, 8
-
-
-def _lists(x):
-    if isinstance(x, torch.Tensor):
-        return ("tensor", x.tolist())
-    if isinstance(x, dict):
-        return {k: _lists(v) for k, v in x.items()}
-    return x
-
-
-def _tensors(x):
-    if isinstance(x, tuple) and len(x) == 2 and x[0] == "tensor":
-        return torch.tensor(x[1])
-    if isinstance(x, dict):
-        return {k: _tensors(v) for k, v in x.items()}
-    return x
 
 
 def _window_probs(gen: torch.Generator, w: int, t0: int) -> torch.Tensor:

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -22,6 +23,9 @@ import torch
 from launch.local import run_parties
 from mpcache.config import MPCacheConfig
 from plaintext_ref.policies import mpcache as twin
+from tests.mpcache.helpers import spy_openings
+from tests.mpcache.helpers import to_lists as _lists
+from tests.mpcache.helpers import to_tensors as _tensors
 
 pytestmark = pytest.mark.mpc
 log = logging.getLogger(__name__)
@@ -69,27 +73,6 @@ def _components_job(seed: int, cfg: MPCacheConfig) -> dict:
                   "static_scores": scores, "kept_k": cache.keys.secret.get_plain_text(),
                   "kept_v": cache.values.secret.get_plain_text()}
     return _lists(out)
-
-
-def _lists(x):
-    """Tensors -> nested lists (tensors cannot cross the result queue after the party exits)."""
-    if isinstance(x, torch.Tensor):
-        return ("tensor", x.tolist())
-    if isinstance(x, dict):
-        return {k: _lists(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_lists(v) for v in x)
-    return x
-
-
-def _tensors(x):
-    if isinstance(x, tuple) and len(x) == 2 and x[0] == "tensor":
-        return torch.tensor(x[1])
-    if isinstance(x, dict):
-        return {k: _tensors(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_tensors(v) for v in x)
-    return x
 
 
 def _twin_levels(q_kv: torch.Tensor, k: torch.Tensor, cfg: MPCacheConfig):
@@ -197,7 +180,6 @@ FULL_BUDGET = MPCacheConfig(static_keep=1.0, cluster_sizes=(16, 8), level_ratios
 def _generate_job(ids: list[int], runs: list[tuple[MPCacheConfig | None, int]], forced: list[int]) -> dict:
     """Each party: greedy tokens per (config, n_new) (None = full cache); the first run is spied on.
     Then the first config teacher-forced on ``forced``: its logits per step (revealed: test-only)."""
-    from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
     from mpcache.generate import generate, share_tokens
     from mpcache.model import ModelArgs, share_model
     from mpcache.policy import FullCache, MPCache, set_policy
@@ -211,31 +193,17 @@ def _generate_job(ids: list[int], runs: list[tuple[MPCacheConfig | None, int]], 
     args = ModelArgs.from_hf(config)
     meter = CostMeter()
     model = share_model(hf.state_dict() if rank == 1 else None, args, meter)
-    opened: list = []
-    originals = {cls: cls.get_plain_text for cls in (ArithmeticSharedTensor, BinarySharedTensor)}
-
-    def spy(original):
-        def get_plain_text(self, dst=None):
-            opened.append((dst, tuple(self.size())))
-            return original(self, dst=dst)
-        return get_plain_text
-
     out: dict = {"tokens": []}
     for i, (cfg, n_new) in enumerate(runs):
         model.reset_caches()
         set_policy(model, FullCache(meter) if cfg is None else MPCache(meter, cfg))
         reset_reveals()
-        if i == 0:
-            for cls, original in originals.items():
-                cls.get_plain_text = spy(original)
-        try:
+        opened: list = []
+        with spy_openings(opened) if i == 0 else contextlib.nullcontext():
             gen = generate(model, ids if rank == 0 else None, len(ids), n_new, frozenset(), meter)
-        finally:
-            for cls, original in originals.items():
-                cls.get_plain_text = original
         out["tokens"].append(gen.tokens)
         if i == 0:
-            out["opened"], out["audited"] = list(opened), reveal_log()
+            out["opened"], out["audited"] = opened, reveal_log()
     model.reset_caches()
     set_policy(model, MPCache(meter, runs[0][0]))
     n = len(ids)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from launch.local import run_parties
+from tests.mpcache.helpers import spy_openings
 
 pytestmark = pytest.mark.mpc
 
@@ -35,7 +36,6 @@ def _plain_greedy(model, ids: list[int], n_new: int) -> tuple[list[int], list[fl
 
 def _secure_job(spec: str, prompts: list[list[int]], n_new: int, probe: list[int]) -> dict:
     """Runs on each party. Revealing hidden states/logits with get_plain_text is test-only."""
-    from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
     from mpcache.generate import generate, share_tokens
     from mpcache.model import ModelArgs, share_model
     from plaintext_ref.models import load_model
@@ -48,29 +48,14 @@ def _secure_job(spec: str, prompts: list[list[int]], n_new: int, probe: list[int
     args = ModelArgs.from_hf(config)
     meter = CostMeter()
     model = share_model(hf.state_dict() if rank == 1 else None, args, meter)
-    opened: list[tuple[int | None, tuple[int, ...]]] = []
-    originals = {cls: cls.get_plain_text for cls in (ArithmeticSharedTensor, BinarySharedTensor)}
-
-    def spy(original):
-        def get_plain_text(self, dst=None):
-            opened.append((dst, tuple(self.size())))
-            return original(self, dst=dst)
-        return get_plain_text
-
     out: dict = {"tokens": [], "opened": [], "audited": []}
     for ids in prompts:
         model.reset_caches()
         reset_reveals()
-        opened.clear()
-        for cls, original in originals.items():
-            cls.get_plain_text = spy(original)
-        try:
+        with spy_openings([]) as opened:
             gen = generate(model, ids if rank == 0 else None, len(ids), n_new, frozenset(), meter)
-        finally:
-            for cls, original in originals.items():
-                cls.get_plain_text = original
         out["tokens"].append(gen.tokens)
-        out["opened"].append(list(opened))
+        out["opened"].append(opened)
         out["audited"].append(reveal_log())
 
     # per-layer hidden states on the first prompt

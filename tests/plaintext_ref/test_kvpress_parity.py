@@ -19,6 +19,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from plaintext_ref.policies import KNorm, PyramidKV, SnapKV, StreamingLLM, TOVA, Budget
 from plaintext_ref.runtime import RefCache, attach, step
+from tests.plaintext_ref.helpers import prefill
 from tests.plaintext_ref.kvpress_shim import load_kvpress
 
 try:
@@ -62,16 +63,9 @@ def _kvpress_kept(model, ids: Tensor, press) -> list[Tensor]:
     return kept
 
 
-@torch.no_grad()
 def _our_kept(model, ids: Tensor, policy) -> list[Tensor]:
     """Per layer (B, Hkv, K) positions our policy kept after the prompt (positions = slots, no padding)."""
-    previous = model.config._attn_implementation
-    cache = RefCache(model, policy)
-    attach(model)
-    try:
-        step(model, cache, ids, torch.arange(ids.shape[1])[None].expand_as(ids))
-    finally:
-        model.set_attn_implementation(previous)
+    cache = prefill(model, ids, policy)
     return [cache.kv(layer).pos for layer in range(N_LAYERS)]
 
 

@@ -6,7 +6,6 @@ explicit RoPE matrix, a Python re-accumulation of recorded logits) and compare i
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 
@@ -32,34 +31,11 @@ from plaintext_ref.policies.expected_attention import average_rotation, expected
 from plaintext_ref.policies.razor_attention import head_scores
 from plaintext_ref.policies.think import KEEP, PRUNED
 from plaintext_ref.policies.windowkv import group_budgets, window_scores
-from plaintext_ref.runtime import RefCache, attach, generate, step, teacher_forced_logits
-
-
-def _prompt(batch: int, length: int, seed: int = 0) -> Tensor:
-    return torch.randint(3, 5000, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def _prefill(model, ids: Tensor, policy) -> RefCache:
-    """One prompt forward through the runtime; returns the cache after on_prefill."""
-    previous = model.config._attn_implementation
-    cache = RefCache(model, policy)
-    attach(model)
-    try:
-        step(model, cache, ids, torch.arange(ids.shape[1])[None].expand_as(ids))
-    finally:
-        model.set_attn_implementation(previous)
-    return cache
-
-
-@torch.no_grad()
-def _eager_attentions(model, ids: Tensor) -> tuple[Tensor, ...]:
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        return model(ids, output_attentions=True).attentions
-    finally:
-        model.set_attn_implementation(previous)
+from plaintext_ref.runtime import RefCache, generate, teacher_forced_logits
+from tests.plaintext_ref.helpers import eager_attentions as _eager_attentions
+from tests.plaintext_ref.helpers import group_duplicated as _group_duplicated
+from tests.plaintext_ref.helpers import prefill as _prefill
+from tests.plaintext_ref.helpers import prompt as _prompt
 
 
 @torch.no_grad()
@@ -120,18 +96,6 @@ def recording(cls):
         def on_append(self, ctx, kv):
             return self._hook(super().on_append, ctx, kv)
     return Recording
-
-
-def _group_duplicated(model):
-    """Copy of a GQA model whose query heads repeat within each KV group."""
-    dup = copy.deepcopy(model)
-    cfg = dup.config
-    d, g = cfg.hidden_size // cfg.num_attention_heads, cfg.num_attention_heads // cfg.num_key_value_heads
-    with torch.no_grad():
-        for layer in dup.model.layers:
-            w = layer.self_attn.q_proj.weight.view(cfg.num_key_value_heads, g, d, -1)
-            w.copy_(w[:, :1].expand_as(w).clone())
-    return dup
 
 
 # ---------------------------------------------------------------- registry, validation, full cache
