@@ -11,7 +11,8 @@ on LAN and WAN. The constant head (embedding, final norm, LM head, argmax) is re
 "extrapolated" 30-layer cost is head + (decode − head)/L · 30 (every layer selecting); for ``mpcache``
 the "with sharing" figure also subtracts the selection stage (``kv_select``/L) of each of the layers
 that reuse their partner's indices under the default pattern (14 of 30; with L = 2 no layer shares,
-so sharing itself is only extrapolated).
+so sharing itself is only extrapolated; the stage's wall seconds count as saved compute, a slight
+overestimate next to bytes and rounds, which dominate the projections).
 
 Budgets: every baseline attends as many tokens per decode step as MPCache (defaults) at that T0
 (``MPCache.describe(T0)["attended_last_step"]``). Ablation names: mpcache-static (static eviction
@@ -254,7 +255,8 @@ def markdown(recs: list[dict], machines: dict[str, str]) -> str:
              "Budgets: every baseline attends the same number of tokens per decode step as MPCache (defaults: "
              "static_keep 0.3, clusters 32/16, ratios 0.5/0.2) at that length (column 'attended'). "
              "'×full' = full cache / policy (higher is better). '30L extrap.' = head + per-layer × 30 "
-             "(extrapolated; ignores cross-layer sharing, so an upper bound for mpcache).", "",
+             "(extrapolated; ignores cross-layer sharing, so an upper bound for mpcache: the sharing table below "
+             "subtracts the selection of the 14 sharing layers).", "",
              f"Paper, for context: {PAPER}.", ""]
     sim = [r for r in recs if r["mode"] == "simulation"]
     for dev, lay in sorted({(r["device"], r["layers"]) for r in sim}):

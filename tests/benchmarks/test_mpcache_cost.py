@@ -24,6 +24,17 @@ def test_summarise_projects_and_extrapolates():
     assert ext["LAN_s"] == pytest.approx(4.0 + 15.0 + 8 * ext["wire_bytes"] / LAN["bandwidth_bps"] + ext["rounds"] * 5e-4)
 
 
+def test_sharing_extrapolation_skips_selection_of_sharing_layers():
+    raw = _raw("mpcache", 1024, 4e6)
+    raw["decode"]["stages"] = {"kv_select": {"wire_bytes": 2e6, "rounds": 100, "wall_s": 0.4}}
+    rec = summarise(raw, layers=2, device="cpu")
+    ext, shr = rec["extrapolated_30_layers"], rec["extrapolated_30_layers_shared"]
+    assert shr["shared_layers"] == 14  # default pattern: layers 2..29 in pairs, the second of each reuses
+    assert shr["wire_bytes"] == pytest.approx(ext["wire_bytes"] - 14 * 1e6)
+    assert shr["rounds"] == pytest.approx(ext["rounds"] - 14 * 50)
+    assert "extrapolated_30_layers_shared" not in summarise(_raw("full", 1024, 4e6), 2, "cpu")
+
+
 def test_merge_replaces_same_key_and_keeps_others(tmp_path):
     path = tmp_path / "c.json"
     first = [summarise(_raw(p, t, 4e6), 2, "cpu") for p in ("full", "mpcache") for t in (512, 1024)]
