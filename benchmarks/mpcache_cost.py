@@ -323,6 +323,7 @@ def plots(recs: list[dict], out: Path) -> list[str]:
             axes[1].plot(xs, [r["decode"]["WAN_s"] for r in rs], marker="o", label=pol)
         for ax, ylabel in zip(axes, ("wire MB / token", "projected WAN s / token")):
             ax.set_xscale("log", base=2)
+            ax.set_yscale("log")  # Quest grows far above the rest; a log axis keeps the others apart
             ax.set_xlabel("prompt length T0")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
