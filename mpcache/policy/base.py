@@ -68,8 +68,13 @@ class MPCPolicy:
         """Observation window W: how many last prompt queries ``after_prefill`` needs (0: none)."""
         return 0
 
+    def shares_with(self, layer: int) -> int | None:
+        """The earlier layer whose indices ``layer`` reuses (cross-layer sharing), or None."""
+        return None
+
     def after_prefill(self, layer: int, cache: SecretKVCache, p_win: Secret | None) -> None:
-        """Act on the prompt cache once (e.g. static eviction); p_win (B, Hkv, G, W, T0) or None."""
+        """Act on the prompt cache once (e.g. static eviction); p_win (B, Hkv, G, W, T0), or None when
+        W = 0 and, in the simulation prefill, on a layer that ``shares_with`` another."""
 
     def decode(self, layer: int, q: Secret, cache: SecretKVCache) -> Secret:
         out, _ = full_attention(q, cache, None, self.meter)
@@ -100,9 +105,6 @@ class StaticEviction(MPCPolicy):
 
     def protected(self, prompt_len: int) -> Public | None:
         """Public 0/1 (T0,) of positions that are always kept, or None."""
-        return None
-
-    def shares_with(self, layer: int) -> int | None:
         return None
 
     def pool_width(self) -> int:

@@ -122,12 +122,15 @@ class Selection:
 
     picks[l]: level l's [m] (B, Hkv, C_mid_l) 0/1 top-k mask, the finest level's [O] (B, Hkv, k, C_mid)
     one-hot rows, or None when k_l = 0 or no cluster competes. ranges[l]: the public middle [lo, hi).
-    operand: [O] with a fixed mask (opened once, reused by the paired layer).
+    scores: the secret [score] of every level's middle clusters, concatenated (B, Hkv, Σ C_mid) (kept
+    for audits: ``benchmarks.selection_agreement``). operand: [O] with a fixed mask (opened once,
+    reused by the paired layer).
     """
 
     length: int
     ranges: list[tuple[int, int]]
     picks: list[Secret | None] = field(default_factory=list)
+    scores: Secret | None = None
     operand: FixedMaskOperand | None = None
 
 
@@ -164,7 +167,7 @@ def select_clusters(q_kv: Secret, levels: Summaries, cfg: MPCacheConfig, length:
             for (rmin, rmax), (lo, hi) in zip(levels, ranges)]
     sizes = [r.shape[-2] for r in reps]
     scores = crypten.cat(reps, dim=-2).matmul(q_kv.unsqueeze(-1)).squeeze(-1)  # (B, Hkv, Σ C_mid)
-    sel = Selection(length, ranges)
+    sel = Selection(length, ranges, scores=scores)
     start, parent = 0, None
     for l, n in enumerate(sizes):
         score, start = scores[..., start:start + n], start + n

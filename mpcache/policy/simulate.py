@@ -40,7 +40,8 @@ def prefill_from_plaintext_kv(model: SecureTransformer, n_prompt: int,
     kv: per layer (k, v), each (B, Hkv, T0, D) post-RoPE, on the client (rank 0); None elsewhere.
     window_queries: per layer the post-RoPE, unscaled queries (B, H, W, D) of the last
     W = policy.window(T0) prompt positions, on the client; None elsewhere or when W = 0.
-    Public: T0, W, shapes. Installs nothing: uses the policy already set on the model.
+    Public: T0, W, shapes. Installs nothing: uses the policy already set on the model. The window
+    attention is skipped on layers that reuse another layer's static set (it would be unused).
     """
     log.warning("SIMULATION: the KV cache comes from a plaintext prefill; this run is NOT private")
     a = model.args
@@ -55,7 +56,7 @@ def prefill_from_plaintext_kv(model: SecureTransformer, n_prompt: int,
         cache = block.attention.cache = SecretKVCache()
         cache.append(_share(k, kv_shape, model.device), _share(v, kv_shape, model.device))
         p_win = None
-        if w:
+        if w and policy.shares_with(layer) is None:  # a sharing layer reuses its partner's static set
             q = _share(window_queries[layer] if mine else None, (batch, a.n_heads, w, a.head_dim), model.device)
             q = (q * (1.0 / math.sqrt(a.head_dim))).reshape(batch, a.n_kv_heads, a.n_groups * w, a.head_dim)
             p_win = window_softmax(q, cache, mask).view(batch, a.n_kv_heads, a.n_groups, w, n_prompt)

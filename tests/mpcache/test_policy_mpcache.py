@@ -20,6 +20,7 @@ import math
 import pytest
 import torch
 
+from benchmarks.selection_agreement import boundary_gap, mpc_picked, twin_levels
 from launch.local import run_parties
 from mpcache.config import MPCacheConfig
 from plaintext_ref.policies import mpcache as twin
@@ -75,58 +76,20 @@ def _components_job(seed: int, cfg: MPCacheConfig) -> dict:
     return _lists(out)
 
 
-def _twin_levels(q_kv: torch.Tensor, k: torch.Tensor, cfg: MPCacheConfig):
-    """The twin's select_clusters loop, keeping every level: per level (picked bool, score, candidates)."""
-    t = k.shape[-2]
-    parent, levels = None, []
-    for level, s in enumerate(cfg.cluster_sizes):
-        c = cfg.n_clusters(t, level)
-        rmin, rmax = twin.cluster_minmax(k, s)
-        score = twin.cluster_scores(q_kv, twin.representative_keys(rmin, rmax, cfg.alpha))
-        if parent is None:
-            cand = torch.ones_like(score, dtype=torch.bool)
-        else:
-            cand = parent.repeat_interleave(cfg.cluster_sizes[level - 1] // s, dim=-1)[..., :c]
-        forced = twin.forced_clusters(c, cfg)
-        cand[..., forced] = False
-        n = cfg.n_topk(t, level)
-        picked = torch.zeros_like(cand)
-        if n:
-            picked.scatter_(-1, score.masked_fill(~cand, -math.inf).topk(n, dim=-1).indices, True)
-        picked[..., forced] = True
-        levels.append((picked, score, cand, n))
-        parent = picked
-    return levels
-
-
-def _mpc_picked(pick: torch.Tensor | None, rng: tuple[int, int], c: int, last: bool,
-                forced: list[int]) -> torch.Tensor:
-    """Decoded MPC picks of one level as a bool (B, Hkv, C) selection (forced clusters added)."""
-    picked = torch.zeros(B, HKV, c, dtype=torch.bool)
-    lo, hi = rng
-    if pick is not None:
-        mid = pick.round().sum(dim=-2) if last else pick.round()  # one-hot rows -> 0/1 over C_mid
-        assert set(mid.unique().tolist()) <= {0.0, 1.0}, "a cluster was picked twice"
-        picked[..., lo:hi] = mid.bool()
-    picked[..., forced] = True
-    return picked
-
-
 def _compare(t: int, res: dict, q: torch.Tensor, k: torch.Tensor, cfg: MPCacheConfig) -> int:
     """Assert MPC == twin at every level; return the number of (head, level) near-tie differences."""
     ties = 0
-    levels = _twin_levels(q.mean(dim=2), k, cfg)
+    levels = twin_levels(q.mean(dim=2), k, cfg)
     diverged = torch.zeros(B, HKV, dtype=torch.bool)
     for level, (want, score, cand, n) in enumerate(levels):
         c = want.shape[-1]
         last = level == len(levels) - 1
-        got = _mpc_picked(res["picks"][level], res["ranges"][level], c, last, twin.forced_clusters(c, cfg))
+        got = mpc_picked(res["picks"][level], res["ranges"][level], (B, HKV, c), last, twin.forced_clusters(c, cfg))
         for b in range(B):
             for h in range(HKV):
                 if diverged[b, h] or torch.equal(got[b, h], want[b, h]):
                     continue
-                ranked = score[b, h][cand[b, h]].sort(descending=True).values
-                gap = float(ranked[n - 1] - ranked[n]) if 0 < n < len(ranked) else math.inf
+                gap = boundary_gap(score[b, h][cand[b, h]], n)
                 assert gap < SCORE_TOL, (f"T'={t} level {level} head {h}: MPC picked "
                                          f"{got[b, h].nonzero().flatten().tolist()}, twin "
                                          f"{want[b, h].nonzero().flatten().tolist()} (boundary gap {gap:.2e})")
