@@ -12,8 +12,11 @@ window queries and keys; the revealed query Σ_g q and keys of the step), so ups
 does not count against the selection. A difference is a *fixed-point tie* when the twin's scores at the
 top-K boundary are closer than twice the largest |MPC score − twin score| of that selection (the MPC
 ranks its own scores exactly, and they lie within that error of the twin's); any other difference is a
-*mismatch* (a bug; the run fails). Per level, a head that differed is not compared deeper (its
-candidates differ). With all layers, next-token agreement (MPC argmax vs twin argmax, teacher-forced;
+*mismatch* (a bug; the run fails). A choice whose scores are off by more than any fixed-point
+approximation allows (``STATIC_BOUND``, ``SCORE_BOUND``) is a *fault*, whatever it selected: CrypTen's
+2-party truncation is local and fails with probability ≈ |value|/2^32 per truncated product, and then
+errs by 2^32 (``tests/protocols/test_truncation.py`` measures it); a run with faults fails too. Per level, a head that
+differed is not compared deeper (its candidates differ). With all layers, next-token agreement (MPC argmax vs twin argmax, teacher-forced;
 a miss is a near-tie when the twin's top-2 margin < 0.02) is reported too.
 
     python -m benchmarks.selection_agreement --lengths 1024,2048 --steps 8 --device cuda
@@ -37,20 +40,29 @@ from plaintext_ref.policies import mpcache as twin
 log = logging.getLogger(__name__)
 
 MARGIN = 0.02  # a token miss is a near-tie when the twin's top-2 logit margin is below this
+SOFTMAX_ERR = 2e-3  # protocols.nonlinear.softmax: max abs error of one probability
+SCORE_BOUND = 1.0  # cluster-score error beyond any approximation (seen: <= 3e-3); a wrap errs by ~2^32
+
+
+def static_bound(n_heads: int, window: int) -> float:
+    """Largest approximation error of a static score Σ_h Σ_window P: H·W probabilities of SOFTMAX_ERR."""
+    return SOFTMAX_ERR * n_heads * window
 
 
 @dataclasses.dataclass
 class Verdict:
-    """One compared choice: ``status`` in {same, tie, mismatch}; gap = the twin's boundary gap, eps =
-    max |MPC − twin| score of the compared candidates (both in the MPC's score units)."""
+    """One compared choice: ``status`` in {same, tie, mismatch, fault}; gap = the twin's boundary gap,
+    eps = max |MPC − twin| score of the compared candidates (both in the MPC's score units)."""
 
     status: str
     gap: float = math.inf
     eps: float = 0.0
+    worst: dict = dataclasses.field(default_factory=dict)  # where eps was attained
 
     @staticmethod
-    def of(differs: bool, gap: float, eps: float) -> "Verdict":
-        return Verdict("same" if not differs else "tie" if gap < 2 * eps else "mismatch", gap, eps)
+    def of(differs: bool, gap: float, eps: float, bound: float) -> "Verdict":
+        status = "fault" if eps > bound else "same" if not differs else "tie" if gap < 2 * eps else "mismatch"
+        return Verdict(status, gap, eps)
 
 
 def boundary_gap(score: torch.Tensor, n: int) -> float:
@@ -122,7 +134,8 @@ def compare_dynamic(q_kv: torch.Tensor, k: torch.Tensor, picks: list, ranges: li
                 live = cand[bi, hi_, lo:hi]
                 eps = float((mine[bi, hi_] - score[bi, hi_, lo:hi])[live].abs().max()) if live.any() else 0.0
                 differs = not torch.equal(got[bi, hi_], want[bi, hi_])
-                v = Verdict.of(differs, boundary_gap(score[bi, hi_][cand[bi, hi_]], n) if differs else math.inf, eps)
+                v = Verdict.of(differs, boundary_gap(score[bi, hi_][cand[bi, hi_]], n) if differs else math.inf,
+                               eps, SCORE_BOUND)
                 row.append(v)
                 diverged[bi, hi_] = differs
         out.append(row)
@@ -137,9 +150,14 @@ def compare_static(s_mpc: torch.Tensor, kept: torch.Tensor | None, q_win: torch.
     want = twin.static_keep(s_twin, n_keep) if n_keep < k.shape[-2] else None
     out = []
     for b in range(s_mpc.shape[0]):
-        eps = float((s_mpc[b] - s_twin[b]).abs().max())
+        err = (s_mpc[b] - s_twin[b]).abs()
+        j = int(err.argmax())
         differs = (kept is None) != (want is None) or (kept is not None and not torch.equal(kept[b], want[b]))
-        out.append(Verdict.of(differs, boundary_gap(s_twin[b], n_keep) if differs else math.inf, eps))
+        v = Verdict.of(differs, boundary_gap(s_twin[b], n_keep) if differs else math.inf, float(err[j]),
+                       static_bound(q_win.shape[1], q_win.shape[2]))
+        v.worst = {"position": j, "mpc": float(s_mpc[b, j]), "twin": float(s_twin[b, j]),
+                   "off_1e-2": int((err > 1e-2).sum())}
+        out.append(v)
     return out
 
 
@@ -189,7 +207,6 @@ def party_job(model_name: str, lengths: list[int], layers: int, steps: int, devi
     hf.config.num_hidden_layers = layers
     args = dataclasses.replace(ModelArgs.from_hf(config), n_layers=layers, max_seq_len=max(lengths) + steps + 1)
     model = share_model(hf.state_dict() if rank == 1 else None, args, CostMeter(), device=device)
-    hf = hf.to(device)
     out = []
     for t in lengths:
         ids = prompt_ids(tok, t + steps)
@@ -224,11 +241,12 @@ def party_job(model_name: str, lengths: list[int], layers: int, steps: int, devi
 
 
 def summarise(res: dict, model: str, layers: int, device: str, cfg: MPCacheConfig) -> dict:
-    """Counts per kind of choice: compared, same, fixed-point ties, mismatches; worst eps and tie gaps."""
+    """Counts per kind of choice: compared, same, fixed-point ties, mismatches, faults; worst eps, tie gaps."""
     def count(verdicts: list[Verdict]) -> dict:
         ties = [v for v in verdicts if v.status == "tie"]
         return {"compared": len(verdicts), "same": sum(v.status == "same" for v in verdicts),
                 "ties": len(ties), "mismatches": sum(v.status == "mismatch" for v in verdicts),
+                "faults": sum(v.status == "fault" for v in verdicts),
                 "max_eps": max((v.eps for v in verdicts), default=0.0),
                 "tie_gaps": sorted(v.gap for v in ties)}
     static = [v for vs in res["static"].values() for v in vs]
@@ -237,7 +255,8 @@ def summarise(res: dict, model: str, layers: int, device: str, cfg: MPCacheConfi
     row = {"model": model, "device": device, "layers": layers, "length": res["length"], "steps": res["steps"],
            "seconds": res["seconds"], "static_layers": sorted(res["static"]),
            "selecting_layers": sorted({layer for layer, _ in res["dynamic"]}),
-           "static": count(static), "levels": [count(v) for v in levels], "config": dataclasses.asdict(cfg)}
+           "static": count(static), "levels": [count(v) for v in levels], "config": dataclasses.asdict(cfg),
+           "static_per_layer": {str(layer): [dataclasses.asdict(v) for v in vs] for layer, vs in res["static"].items()}}
     if "tokens" in res:
         tk = res["tokens"]
         miss = [i for i, (a, b) in enumerate(zip(tk["mpc"], tk["twin"])) if a != b]
@@ -255,22 +274,24 @@ def markdown(rows: list[dict], machines: dict) -> str:
              "Each layer that selects (the others reuse their partner's indices) is compared on the MPC's own "
              "inputs: the static set once per batch row, and every level's picked clusters per KV head and "
              "decode step. *tie* = differs where the twin's top-K boundary gap < 2·eps, eps = max |MPC − twin| "
-             "score of that choice (fixed-point error); *mismatch* = any other difference (none allowed). "
-             "A head that differed at a level is not compared deeper. Tokens: MPC argmax vs twin argmax, "
-             "teacher-forced on the prompt text (all layers only).", "",
-             "| model | device | T0 | layers | steps | static sets: same / ties / mism. | " +
-             "level picks (per level): same / ties / mism. | max eps (static; levels) | tie gaps | "
+             "score of that choice (fixed-point error); *mismatch* = any other difference (none allowed); "
+             "*fault* = scores off by more than any approximation allows (static: 2e-3·H·W, clusters: 1.0): "
+             "a 2-party truncation wrap (CrypTen truncates shares locally; a product of value v wraps with "
+             "probability ≈ |v|/2^32 and then errs by 2^32). A head that differed at a level is not compared "
+             "deeper. Tokens: MPC argmax vs twin argmax, teacher-forced on the prompt text (all layers only).", "",
+             "| model | device | T0 | layers | steps | static sets: same / ties / mism. / faults | " +
+             "level picks (per level): same / ties / mism. / faults | max eps (static; levels) | tie gaps | "
              "tokens agree | s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["model"], r["device"], r["length"])):
         st, lv = r["static"], r["levels"]
-        lvs = "; ".join(f"{x['same']}/{x['ties']}/{x['mismatches']} of {x['compared']}" for x in lv)
+        lvs = "; ".join(f"{x['same']}/{x['ties']}/{x['mismatches']}/{x['faults']} of {x['compared']}" for x in lv)
         eps = f"{st['max_eps']:.1e}; " + ", ".join(f"{x['max_eps']:.1e}" for x in lv)
         gaps = [g for x in [st, *lv] for g in x["tie_gaps"]]
         tk = r.get("tokens")
         tks = f"{tk['agree']}/{len(tk['mpc'])} ({tk['near_tie_misses']} near-tie misses)" if tk else "—"
         lines.append(f"| {r['model']} | {r['device']} | {r['length']} | {r['layers']} | {r['steps']} | "
-                     f"{st['same']}/{st['ties']}/{st['mismatches']} of {st['compared']} | {lvs} | {eps} | "
+                     f"{st['same']}/{st['ties']}/{st['mismatches']}/{st['faults']} of {st['compared']} | {lvs} | {eps} | "
                      f"{', '.join(f'{g:.1e}' for g in gaps) or '—'} | {tks} | {r['seconds']:.0f} |")
     cfg = rows[0]["config"] if rows else {}
     lines += ["", f"Config: static_keep {cfg.get('static_keep')}, clusters {cfg.get('cluster_sizes')}, "
@@ -310,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     ns.out.write_text(json.dumps({"note": "AUDIT (every selection opened) on a SIMULATION prefill: NOT private",
                                   "machines": machines, "rows": rows}, indent=1))
     ns.out.with_suffix(".md").write_text(markdown(rows, machines))
-    bad = sum(r["static"]["mismatches"] + sum(x["mismatches"] for x in r["levels"]) for r in new)
-    log.info("wrote %s and %s; %d mismatches", ns.out, ns.out.with_suffix(".md"), bad)
+    bad = sum(x[k] for r in new for x in [r["static"], *r["levels"]] for k in ("mismatches", "faults"))
+    log.info("wrote %s and %s; %d mismatches or faults", ns.out, ns.out.with_suffix(".md"), bad)
     return 1 if bad else 0
 
 

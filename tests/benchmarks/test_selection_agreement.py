@@ -70,7 +70,11 @@ def test_static_classifier():
     swapped[0][swapped[0] == order[11]] = order[12]
     swapped = swapped.sort(dim=-1).values
     assert compare_static(s, swapped, q_win, k, 12)[0].status == "mismatch"
-    assert Verdict.of(True, 1e-5, 1e-4).status == "tie"
+    assert Verdict.of(True, 1e-5, 1e-4, 1.0).status == "tie"
+    assert Verdict.of(False, 1e-5, 2.0, 1.0).status == "fault"  # a wrap, whatever was selected
+    fault = s.clone()
+    fault[0, 3] -= 2.0**20  # what one wrapped probability (2^32 / T0) does to a score
+    assert compare_static(fault, kept, q_win, k, 12)[0].status == "fault"
 
 
 @pytest.mark.mpc
@@ -79,9 +83,9 @@ def test_audit_run_on_tiny_llama(tmp_path):
     assert main(["--model", "tiny-llama", "--layers", "2", "--lengths", "300", "--steps", "2",
                  "--out", str(out), "--timeout", "600"]) == 0
     row = json.loads(out.read_text())["rows"][0]
-    assert row["static"]["compared"] == 2 and row["static"]["mismatches"] == 0
+    assert row["static"]["compared"] == 2 and row["static"]["mismatches"] == row["static"]["faults"] == 0
     l0, l1 = row["levels"]  # 2 layers x 2 steps x 2 KV heads; a head that differed is not compared deeper
     assert l0["compared"] == 8 and l1["compared"] == 8 - l0["ties"] - l0["mismatches"]
-    assert all(x["mismatches"] == 0 for x in row["levels"])
+    assert all(x["mismatches"] == x["faults"] == 0 for x in row["levels"])
     assert len(row["tokens"]["mpc"]) == 2
     assert "tiny-llama | cpu | 300" in out.with_suffix(".md").read_text()
