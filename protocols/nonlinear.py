@@ -128,16 +128,27 @@ def exp(x: Secret, clamp: bool = True) -> Secret:
     return result
 
 
-def _reciprocal_scaled(s: Secret, n: int, iters: int = RECIP_NR_ITERS) -> Secret:
-    """``[z] ≈ n / [s]`` for s ∈ [1, n] (kept in [1, n] so it has full fixed-point precision).
+def recip_scale(n: int) -> int:
+    """c = 2^⌈log2(n)/2⌉ ≈ √n: the numerator of softmax's scaled reciprocal c/s for s ∈ [1, n]."""
+    return 2 ** math.ceil(math.log2(max(n, 1)) / 2)
 
-    Octave guess z0 = n·2^−(j+½) on [2^j, 2^(j+1)), then z ← z·(2 − s·z/n).
+
+def _reciprocal_scaled(s: Secret, n: int, c: int, iters: int = RECIP_NR_ITERS) -> Secret:
+    """``[z] ≈ c / [s]`` for s ∈ [1, n], c = ``recip_scale(n)``.
+
+    Octave guess z0 = c·2^−(j+½) on [2^j, 2^(j+1)), then z ← z·(2 − s·z/c).
+    Why c ≈ √n: a 2-party product of value v is truncated locally and comes out 2^32 off with
+    probability ≈ |v|/2^32 (``tests/protocols/test_truncation.py``); the NR products are ≈ c, so c = n
+    (1/s in [1, n] at full precision) made a corrupted row likely in a 4K window softmax
+    (≈ 8·4096/2^32 per row, ~10^5 rows), while c ≈ √n cuts those odds √n-fold and keeps z ≥ 1/√n,
+    whose relative precision (a few ulps·√n, 0.3 % at n = 4096) is far finer than that of the
+    probabilities themselves (P ≈ 1/n has n·2^−16 relative resolution: 6 % at n = 4096).
     Cost: 1 cmp on ⌈log2 n⌉−1 thresholds + 2·iters mul rounds. Error: rel. ≤ 0.414^(2^iters).
     """
     hi = max(1, math.ceil(math.log2(n)))
-    z = _octave_guess(s, 0, hi, lambda j: n * 2.0 ** -(j + 0.5))
+    z = _octave_guess(s, 0, hi, lambda j: c * 2.0 ** -(j + 0.5))
     for _ in range(iters):
-        z = z * (2 - (s * z).div(n))
+        z = z * (2 - (s * z).div(c))
     return z
 
 
@@ -146,8 +157,9 @@ def softmax(x: Secret, dim: int = -1, mask: Public | None = None) -> Secret:
 
     Steps: 1. masked logits ``[x'] = m·[x] − (1−m)·MASK_FILL`` (local, exact). 2. ``[μ]`` = row max
     (knockout tree). 3. ``[e] = m · exp([x'] − [μ])`` (clamped at −32, so the exp never leaves its
-    domain whatever the mask or the logit spread). 4. ``[s] = Σ[e]`` ∈ [1, n]. 5. ``[z] ≈ n/[s]``
-    (kept in [1, n]: the "(sum/N)" fix, precise for flat *and* peaked rows). 6. ``[e]·[z]/n``.
+    domain whatever the mask or the logit spread). 4. ``[s] = Σ[e]`` ∈ [1, n]. 5. ``[z] ≈ c/[s]``,
+    c = ``recip_scale(n)`` ≈ √n (the "(sum/N)" fix, precise for flat *and* peaked rows, with NR
+    products near √n rather than n: √n-fold fewer truncation wraps). 6. ``[e]·[z]/c``.
     Public: shape, mask (e.g. causal). Every row must keep at least one entry; real logits > −1024.
     Cost (n = row length ≥ 3, R rows): 9·⌈log2 n⌉ (max) + 9 (clamp) + 8 (exp) + 16 (reciprocal) + 1
     = 9·⌈log2 n⌉ + 34 rounds (n = 256: 106, measured; n = 8192: 151);
@@ -165,8 +177,9 @@ def softmax(x: Secret, dim: int = -1, mask: Public | None = None) -> Secret:
     e = exp(x - tree_max(x, dim, keepdim=True))
     if mask is not None:
         e = mul_public_int(e, mask)
-    z = _reciprocal_scaled(e.sum(dim, keepdim=True), n)
-    return (e * z).div(n)
+    c = recip_scale(n)
+    z = _reciprocal_scaled(e.sum(dim, keepdim=True), n, c)
+    return (e * z).div(c)
 
 
 def sigmoid(x: Secret) -> Secret:
