@@ -15,9 +15,10 @@ ranks its own scores exactly, and they lie within that error of the twin's); any
 *mismatch* (a bug; the run fails). A choice whose scores are off by more than any fixed-point
 approximation allows (``STATIC_FAULT``, ``SCORE_FAULT``) is a *fault*, whatever it selected: CrypTen's
 2-party truncation is local and fails with probability ≈ |value|/2^32 per truncated product, and then
-errs by 2^32 (``tests/protocols/test_truncation.py`` measures it); a run with faults fails too. Per level, a head that
-differed is not compared deeper (its candidates differ). With all layers, next-token agreement (MPC argmax vs twin argmax, teacher-forced;
-a miss is a near-tie when the twin's top-2 margin < 0.02) is reported too.
+errs by 2^32 (``tests/protocols/test_truncation.py`` measures it); a run with faults fails too. Per
+level, a head that differed is not compared deeper (its candidates differ). With all layers,
+next-token agreement (MPC argmax vs twin argmax, teacher-forced; a miss is a near-tie when the twin's
+top-2 margin < 0.02) is reported too.
 
     python -m benchmarks.selection_agreement --lengths 1024,2048 --steps 8 --device cuda
 """
@@ -290,7 +291,8 @@ def markdown(rows: list[dict], machines: dict) -> str:
         tk = r.get("tokens")
         tks = f"{tk['agree']}/{len(tk['mpc'])} ({tk['near_tie_misses']} near-tie misses)" if tk else "—"
         lines.append(f"| {r['model']} | {r['device']} | {r['length']} | {r['layers']} | {r['steps']} | "
-                     f"{st['same']}/{st['ties']}/{st['mismatches']}/{st['faults']} of {st['compared']} | {lvs} | {eps} | "
+                     f"{st['same']}/{st['ties']}/{st['mismatches']}/{st['faults']} of {st['compared']} | "
+                     f"{lvs} | {eps} | "
                      f"{', '.join(f'{g:.1e}' for g in gaps) or '—'} | {tks} | {r['seconds']:.0f} |")
     cfg = rows[0]["config"] if rows else {}
     lines += ["", f"Config: static_keep {cfg.get('static_keep')}, clusters {cfg.get('cluster_sizes')}, "
