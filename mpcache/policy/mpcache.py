@@ -29,7 +29,7 @@ k·C_mid + 2·T'·D per KV head (D = 64 ≫ G), so it is not implemented.
 
 Selection cost per step and own layer: summaries 2·D·(#levels) comparisons (one batched round trip),
 scores one Beaver product over Σ_l C_l·D, then one top-k per level over C_mid (sequential; by
-pairwise ranks, 2 comparison rounds, while C_mid ≤ ``protocols.selection.PAIRWISE_MAX`` = 128).
+pairwise ranks, 2 comparison rounds, while C_mid ≤ ``protocols.selection.PAIRWISE_MAX`` = 256).
 Public: T0, T', K, W, C_l, k_l, the forced clusters, α, the sharing pattern. Secret: [s], [E],
 every [score], [m], [O]. Nothing is revealed.
 
