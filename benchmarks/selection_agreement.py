@@ -126,17 +126,16 @@ def compare_dynamic(q_kv: torch.Tensor, k: torch.Tensor, picks: list, ranges: li
         got = mpc_picked(picks[level], ranges[level], (b, h, c), level == len(levels) - 1,
                          twin.forced_clusters(c, cfg))
         row = []
-        for bi in range(b):
-            for hi_ in range(h):
-                if diverged[bi, hi_]:
+        for bb in range(b):
+            for kv in range(h):
+                if diverged[bb, kv]:
                     continue
-                live = cand[bi, hi_, lo:hi]
-                eps = float((mine[bi, hi_] - score[bi, hi_, lo:hi])[live].abs().max()) if live.any() else 0.0
-                differs = not torch.equal(got[bi, hi_], want[bi, hi_])
-                v = Verdict.of(differs, boundary_gap(score[bi, hi_][cand[bi, hi_]], n) if differs else math.inf,
-                               eps, SCORE_FAULT)
-                row.append(v)
-                diverged[bi, hi_] = differs
+                live = cand[bb, kv, lo:hi]
+                eps = float((mine[bb, kv] - score[bb, kv, lo:hi])[live].abs().max()) if live.any() else 0.0
+                differs = not torch.equal(got[bb, kv], want[bb, kv])
+                gap = boundary_gap(score[bb, kv][cand[bb, kv]], n) if differs else math.inf
+                row.append(Verdict.of(differs, gap, eps, SCORE_FAULT))
+                diverged[bb, kv] = differs
         out.append(row)
     return out
 
