@@ -13,6 +13,8 @@ CORPUS := /usr/share/doc/python3.11/html/_sources/tutorial/index.rst.txt
 
 .PHONY: setup demo test bench clean
 setup: $(STAMP) $(CORPUS)
+	# Convert the embedded model once, in one process, before parties or tests load it (quick once cached).
+	$(PY) -m plaintext_ref.models
 
 $(STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,8 +35,9 @@ $(CORPUS):
 	(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc >/dev/null) \
 	  || echo "warning: could not install python3.11-doc; prose perplexity tasks will be skipped"
 
+# The prompt goes on standard input, which mpirun forwards to rank 0 (the client) only.
 demo: setup
-	$(MPIRUN) -n 2 $(PY) -m mpcache.launch --prompt "What is the capital of France?" --max-new-tokens 6
+	echo "What is the capital of France?" | $(MPIRUN) -n 2 $(PY) -m mpcache.launch --max-new-tokens 6
 
 test: setup
 	$(PY) -m pytest -q

@@ -8,11 +8,14 @@ Rank 0 picks the rendezvous ``tcp://ADDR:PORT`` and broadcasts it over MPI (the 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from types import ModuleType
 
 from launch.config import LaunchConfig
 from launch.errors import LaunchError, NotUnderMPI, describe_rank
 from launch.rendezvous import rendezvous_url
+from launch.watchdog import blocked_on
 
 N_PARTIES = 2
 # set by mpirun/mpiexec for every rank: Open MPI, then MPICH/Intel MPI (Hydra)
@@ -21,13 +24,14 @@ MPI_ENV_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
 
 def usage(prog: str = "python -m mpcache.launch") -> str:
     """How to start ``prog`` (shown when it was started without mpirun)."""
-    return (f"{prog} must be started by mpirun, one process per role:\n"
-            f"  mpirun -n 2 {prog} [flags]                  # client + model owner "
+    return (f"{prog} must be started by mpirun, one process per role (the prompt on standard "
+            "input reaches rank 0, the client, only):\n"
+            f"  echo PROMPT | mpirun -n 2 {prog} [flags]                  # client + model owner "
             "(dealer inside party 0: NOT secure, benchmarking only)\n"
-            f"  mpirun --oversubscribe -n 3 {prog} [flags]  # + separate dealer rank 2\n"
+            f"  echo PROMPT | mpirun --oversubscribe -n 3 {prog} [flags]  # + separate dealer rank 2\n"
             "As root, first: export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1\n"
-            f"Several machines: mpirun --hostfile HOSTS -n 2 {prog} --master-addr 0.0.0.0 "
-            "--advertise-addr HOST0 [--ifname IFACE]")
+            f"Two hosts: mpirun -n 1 -H CLIENT {prog} --prompt-file Q.txt --master-addr 0.0.0.0 "
+            f"--advertise-addr CLIENT : -n 1 -H OWNER {prog} --model DIR")
 
 
 @dataclass(frozen=True)
@@ -85,17 +89,60 @@ def env_rank() -> int | None:
     return None
 
 
+def _init_mpi() -> ModuleType:
+    """Initialise MPI without holding the GIL; return mpi4py's ``MPI`` module, ready to use.
+
+    ``MPI_Init`` returns only once every mpirun rank has called it. mpi4py calls it holding the GIL,
+    at import and in ``MPI.Init_thread()`` alike (measured with mpi4py 4.1.2), so a rank that never
+    starts would freeze every Python thread of the others, the ``deadline`` timer included. Here
+    mpi4py is imported with ``rc.initialize = False`` and ``MPI_Init_thread(THREAD_MULTIPLE)`` (what
+    mpi4py would request) of the libmpi its extension links is called through ctypes, which releases
+    the GIL during a foreign call. What mpi4py's own start-up would add is kept: ``rc.finalize =
+    True`` (it finalises at exit only an MPI it started unless told; Open MPI reports a rank that
+    exits without ``MPI_Finalize`` as failed) and ``MPI.ERRORS_RETURN`` on COMM_WORLD/COMM_SELF (MPI
+    errors raise ``MPI.Exception``). An mpi4py imported earlier keeps its rc (by default it started
+    MPI then, GIL held). Where libmpi's symbol cannot be found, ``MPI.Init_thread()`` starts MPI,
+    bounded only by the watchdog's faulthandler backstop.
+    """
+    import ctypes
+
+    import mpi4py
+    if "mpi4py.MPI" not in sys.modules:
+        mpi4py.rc.initialize = False
+        mpi4py.rc.finalize = True
+    from mpi4py import MPI
+    if MPI.Is_initialized():
+        return MPI
+    with blocked_on("MPI_Init", "a rank never started MPI (did every mpirun rank start? "
+                                "is one stuck before MPI_Init?)"):
+        try:  # dlsym on the extension's handle searches the libraries it links
+            init_thread = ctypes.CDLL(MPI.__file__).MPI_Init_thread
+        except (OSError, AttributeError):
+            MPI.Init_thread(MPI.THREAD_MULTIPLE)
+            return MPI
+        init_thread.restype = ctypes.c_int
+        init_thread.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                ctypes.POINTER(ctypes.c_int)]
+        provided = ctypes.c_int(0)
+        ierr = init_thread(None, None, MPI.THREAD_MULTIPLE, ctypes.byref(provided))
+    if ierr != MPI.SUCCESS:
+        raise LaunchError(f"MPI_Init_thread failed (MPI error code {ierr})")
+    for comm in (MPI.COMM_SELF, MPI.COMM_WORLD):
+        comm.Set_errhandler(MPI.ERRORS_RETURN)
+    return MPI
+
+
 def discover(cfg: LaunchConfig, prog: str = "python -m mpcache.launch") -> Topology:
     """This rank's ``Topology``: rank/size from MPI, the rendezvous broadcast by rank 0.
 
     Raises ``NotUnderMPI`` (message = ``usage(prog)``) outside mpirun, without initialising MPI, and
     ``LaunchError`` on every rank for a wrong ``-n`` or a ``--dealer`` flag that contradicts it.
-    Call inside ``session.deadline``: the broadcast waits for rank 0 without a timeout.
+    Call inside ``watchdog.deadline``: MPI start-up and the broadcast wait for the other ranks
+    without a timeout (``_init_mpi`` keeps the GIL free so that the deadline can fire).
     """
     if not under_mpi():
         raise NotUnderMPI(usage(prog))
-    from mpi4py import MPI
-    world = MPI.COMM_WORLD
+    world = _init_mpi().COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
     if cfg.dealer is not None and cfg.dealer != (size == N_PARTIES + 1):
         want = "-n 3 (a dealer rank)" if cfg.dealer else "-n 2 (no dealer rank)"

@@ -1,6 +1,7 @@
 """``run_role``: what every mpirun rank of ``python -m mpcache.launch`` runs.
 
-1. ``discover`` the topology (fails with the mpirun command line when started without mpirun);
+1. ``discover`` the topology (fails with the mpirun command line when started without mpirun),
+   then check that every rank was given the same public options (``launch.agreement``);
 2. set CrypTen's environment, place the rank on its device, set up rank-tagged logging;
 3. bring CrypTen up within ``timeout_s`` (parties) or join as the dealer and serve;
 4. run ``main(topology)`` on the two parties, then shut CrypTen down.
@@ -18,8 +19,9 @@ import signal
 import sys
 import threading
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Mapping
 
+from launch.agreement import agree
 from launch.config import LaunchConfig
 from launch.errors import ExitCode, LaunchError, NotUnderMPI, PeerLost
 from launch.mpi import N_PARTIES, Topology, discover, env_rank
@@ -64,15 +66,20 @@ def _one_line(err: BaseException) -> str:
 
 def run_role(main: Callable[[Topology], object], cfg: LaunchConfig, *,
              prog: str = "python -m mpcache.launch",
-             dealer_main: Callable[[], object] | None = None, verbose: bool = False) -> int:
+             dealer_main: Callable[[], object] | None = None, verbose: bool = False,
+             public: Mapping[str, object] | None = None) -> int:
     """Run this rank's role; return its exit code (0 ok) for the caller to ``sys.exit`` with.
 
     ``main(topology)`` runs on both computing parties after ``crypten.init()``; ``dealer_main``
     (default: CrypTen's ``TTPServer``) runs on rank 2 of ``mpirun -n 3`` until party 0 shuts down.
+    ``public``: this rank's public options; every rank must have been given the same (else all
+    stop with one line naming the differences, exit code 2).
     """
     try:
         with deadline(cfg.timeout_s, "MPI rendezvous broadcast"):
             topo = discover(cfg, prog)
+            if public is not None:
+                agree(public, N_PARTIES)
     except NotUnderMPI as err:
         print(str(err), file=sys.stderr)
         return int(ExitCode.USAGE)

@@ -7,7 +7,9 @@ Timeouts. ``crypten.init()`` calls ``dist.init_process_group`` and ``dist.new_gr
 timeout argument, so gloo would wait 30 min for a missing peer. Two bounds replace that:
 1. a watchdog (``launch.watchdog.deadline``) around the whole bring-up: if it has not finished in
    ``timeout_s`` the process prints one line and hard-exits with code 4. A thread timer, because
-   the blocking calls (MPI bcast, gloo connect) sit in C and no Python exception can interrupt them;
+   the blocking calls (MPI_Init and bcast, gloo connect) sit in C and no Python exception can
+   interrupt them; they release the GIL, so the timer runs (``launch.mpi._init_mpi`` calls
+   MPI_Init through ctypes for that: mpi4py holds the GIL in it);
 2. torch's default process-group timeout (``distributed_c10d.default_pg_timeout``, which both
    ``init_process_group`` and ``new_group`` read when given none) is set to ``op_timeout_s`` during
    ``crypten.init()``, so every later gloo send/recv to a live but silent peer raises after that.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import traceback
 import warnings
 from contextlib import contextmanager
 from datetime import timedelta
@@ -54,14 +57,20 @@ def peer_error(err: BaseException, rank: int, n_parties: int = 2,
     text = str(err).strip().lower()
     if rank >= n_parties:
         peers = " or ".join(describe_rank(r, n_parties) for r in range(n_parties))
+    elif dealer and _in_dealer_request(err):  # a party talks to the dealer only there
+        peers = describe_rank(n_parties, n_parties)
     else:
-        peers = " or ".join([describe_rank(r, n_parties) for r in range(n_parties) if r != rank]
-                            + ([describe_rank(n_parties, n_parties)] if dealer else []))
+        peers = " or ".join(describe_rank(r, n_parties) for r in range(n_parties) if r != rank)
     if any(m in text for m in _LOST_MARKERS):
         return PeerLost(f"{peers} died or disconnected (gloo: {gloo_cause(err)})")
     if any(m in text for m in _TIMEOUT_MARKERS):
         return PeerTimeout(f"{peers} sent nothing within the op timeout (gloo: {gloo_cause(err)})")
     return None
+
+
+def _in_dealer_request(err: BaseException) -> bool:
+    """Whether ``err`` was raised inside CrypTen's request to the dealer (``TTPClient.ttp_request``)."""
+    return any(frame.name == "ttp_request" for frame in traceback.extract_tb(err.__traceback__))
 
 
 def gloo_cause(err: BaseException) -> str:

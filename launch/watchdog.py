@@ -11,6 +11,9 @@ from typing import Iterator
 from launch.errors import ExitCode, describe_rank
 
 _BACKSTOP_GRACE_S = 5.0
+_NEVER_ARRIVED = ("a peer never arrived (did every rank start? is the rendezvous address/port "
+                  "reachable? firewall?)")
+_blocked_on: list[tuple[str, str]] = []  # innermost ``blocked_on`` last
 
 
 def die(code: int, message: str) -> None:
@@ -24,21 +27,38 @@ def die(code: int, message: str) -> None:
 def _whoami() -> str:
     if "RANK" in os.environ:
         return describe_rank(int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "2")))
-    return f"rank {os.environ.get('OMPI_COMM_WORLD_RANK', os.environ.get('PMI_RANK', '?'))}"
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):  # before CrypTen's env is set
+        if os.environ.get(var, "").isdigit():
+            return describe_rank(int(os.environ[var]))
+    return "rank ?"
+
+
+@contextmanager
+def blocked_on(what: str, why: str) -> Iterator[None]:
+    """Inside a ``deadline``: if it expires in this block, its line says ``what`` was not done and
+    ``why`` (e.g. ``MPI_Init`` / ``a rank never started MPI``) instead of its own words."""
+    _blocked_on.append((what, why))
+    try:
+        yield
+    finally:
+        _blocked_on.pop()
 
 
 @contextmanager
 def deadline(seconds: float, what: str) -> Iterator[None]:
     """Exit with code 4 and a one-line message unless the block finishes within ``seconds``.
 
-    Backstop: a Python timer cannot fire while a C call holds the GIL (``MPI_Init`` waiting for a
-    rank that never starts does), so ``faulthandler`` (a C thread) also dumps the stacks and exits
-    with code 1 ``_BACKSTOP_GRACE_S`` later.
+    The message names ``what`` and says a peer never arrived, or what the innermost ``blocked_on``
+    says. The timer is a Python thread: it fires only if the blocked call released the GIL. The
+    calls of the bring-up do (MPI bcast/gather, gloo connect, and ``MPI_Init``, which
+    ``launch.mpi._init_mpi`` makes through ctypes because mpi4py holds the GIL in it). Backstop for
+    a C call that blocks holding the GIL anyway: ``faulthandler`` (a C thread) dumps the stacks and
+    exits with code 1 ``_BACKSTOP_GRACE_S`` later.
     """
     def expire() -> None:
+        late, why = _blocked_on[-1] if _blocked_on else (what, _NEVER_ARRIVED)
         die(ExitCode.RENDEZVOUS_TIMEOUT,
-            f"mpcache: {_whoami()}: {what} not done after {seconds:g} s: a peer never arrived "
-            "(did every rank start? is the rendezvous address/port reachable? firewall?)")
+            f"mpcache: {_whoami()}: {late} not done after {seconds:g} s: {why}")
     timer = threading.Timer(seconds, expire)
     timer.daemon = True
     timer.start()

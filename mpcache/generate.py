@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from mpcache.model import SecureTransformer
+from mpcache.model import Progress, SecureTransformer
 from protocols.compat import comm, crypten
 from protocols.cost import CostMeter
 from protocols.selection import argmax_onehot, reveal_to
@@ -69,11 +69,13 @@ def next_token(logits: Secret, eos_ids: frozenset[int], meter: CostMeter) -> tup
 
 def generate(model: SecureTransformer, prompt_ids: list[int] | None, n_prompt: int,
              max_new_tokens: int, eos_ids: frozenset[int], meter: CostMeter,
-             on_token: Callable[[int, int | None, float], None] | None = None) -> Generation:
+             on_token: Callable[[int, int | None, float], None] | None = None,
+             on_prefill: Progress | None = None) -> Generation:
     """Greedy decoding of up to ``max_new_tokens`` tokens, stopping after an EOS token.
 
     ``prompt_ids``: the client's ids (``None`` on other parties); ``n_prompt`` (public) their count.
-    ``on_token(step, token_or_None, seconds)`` is called after each generated token.
+    ``on_token(step, token_or_None, seconds)`` is called after each generated token,
+    ``on_prefill(layers_done, n_layers)`` after each layer of the prefill.
     """
     assert max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}"
     assert n_prompt + max_new_tokens <= model.args.max_seq_len, (
@@ -83,7 +85,7 @@ def generate(model: SecureTransformer, prompt_ids: list[int] | None, n_prompt: i
     with meter.phase("prefill", tokens=n_prompt):
         with meter.stage("embedding"):
             onehot = share_tokens(prompt_ids, n_prompt, model.args.vocab_size, device=model.device)
-        logits = model.forward(onehot, torch.arange(n_prompt))
+        logits = model.forward(onehot, torch.arange(n_prompt), progress=on_prefill)
         onehot, token, stop = next_token(logits, eos_ids, meter)
     result = Generation(None, n_prompt, 1, time.perf_counter() - t0)
     tokens.append(token)

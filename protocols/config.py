@@ -14,8 +14,6 @@ import contextlib
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
-from protocols.compat import crypten
-
 SOFTMAX_VARIANTS = ("crypten", "2quad", "2relu")
 RECIPROCAL_METHODS = ("NR", "log")
 MAX_METHODS = ("log_reduction", "double_log_reduction", "pairwise")
@@ -100,6 +98,7 @@ def protocol_context(cfg: ProtocolConfig, *, dealer: bool = False) -> Iterator[P
     ``dealer=True`` also selects CrypTen's TTP provider (for the dealer process, which must call
     ``crypten.init()`` inside the block).
     """
+    from protocols.compat import crypten  # here, not at the top: the CLI reads the dataclass at once
     overrides = cfg.crypten_overrides()
     if dealer:
         overrides["mpc.provider"] = "TTP"

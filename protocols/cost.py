@@ -26,7 +26,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Collection, Iterator
 
 from protocols.compat import comm, crypten
 
@@ -58,13 +58,13 @@ class CostMeter:
 
     @contextlib.contextmanager
     def _measure(self, phase: str, stage: str) -> Iterator[None]:
+        rec = self._records[(phase, stage)]  # created on entry: records keep pipeline order
         b0, r0, c0 = _counters()
         t0 = time.perf_counter()
         try:
             yield
         finally:
             b1, r1, c1 = _counters()
-            rec = self._records[(phase, stage)]
             for i, v in enumerate((b1 - b0, r1 - r0, c1 - c0, time.perf_counter() - t0, 1)):
                 rec[i] += v
 
@@ -166,14 +166,15 @@ class CostReport:
     rows: list[CostRow] = field(init=False)
 
     def __post_init__(self) -> None:
-        keys = sorted({k for p in self.parties for k in p["records"]}, key=self._order)
+        seen = dict.fromkeys(k for p in self.parties for k in p["records"])  # party 0's order first
+        keys = sorted(seen, key=self._order)  # stable: stages stay in the order they first ran
         self.rows = [self._merge(k) for k in keys]
         self._add_other()
 
     @staticmethod
     def _order(key: str) -> tuple:
         phase, stage = key.split("|", 1)
-        return ({"prefill": 0, "decode": 1}.get(phase, 2), phase, stage == TOTAL, stage)
+        return ({"setup": 0, "prefill": 1, "decode": 2}.get(phase, 3), phase, stage == TOTAL)
 
     def _merge(self, key: str) -> CostRow:
         phase, stage = key.split("|", 1)
@@ -224,29 +225,33 @@ class CostReport:
                                      "compute_s": r.compute_s, "calls": r.calls}
         return {"provider": self.provider, "secure": self.secure, "phases": phases}
 
-    def _table(self, per_token: bool) -> tuple[list[str], list[list[str]]]:
+    def _table(self, per_token: Collection[str]) -> tuple[list[str], list[list[str]]]:
         head = ["phase", "stage", "calls", "wire MB", "P0 MB", "P1 MB", "rounds", "comm s", "wall s"]
         body = []
         for r in self.rows:
-            v = r.per_token() if per_token else r
-            body.append([r.phase, r.stage, str(r.calls), f"{v.wire_bytes / 1e6:.3f}",
-                         *(f"{b / 1e6:.3f}" for b in v.party_bytes[:2]), f"{v.rounds:g}",
-                         f"{v.comm_s:.3f}", f"{v.wall_s:.3f}"])
+            mean = r.phase in per_token
+            v = r.per_token() if mean else r
+            body.append([f"{r.phase} / token" if mean else r.phase, r.stage, str(r.calls),
+                         f"{v.wire_bytes / 1e6:.3f}", *(f"{b / 1e6:.3f}" for b in v.party_bytes[:2]),
+                         f"{v.rounds:g}", f"{v.comm_s:.3f}", f"{v.wall_s:.3f}"])
         return head, body
 
-    def title(self, per_token: bool = False) -> str:
+    def title(self, per_token: Collection[str] = ()) -> str:
         mode = "secure dealer" if self.secure else "NOT secure: dealer emulated in party 0"
-        return f"MPC cost{' per token' if per_token else ''} (provider {self.provider}, {mode})"
+        means = [f"{p}: mean per token over {self.row(p).tokens}" for p in per_token
+                 if any(r.phase == p for r in self.rows)]
+        return f"MPC cost (provider {self.provider}, {mode}){'; ' if means else ''}{'; '.join(means)}"
 
-    def to_markdown(self, per_token: bool = False) -> str:
+    def to_markdown(self, per_token: Collection[str] = ()) -> str:
+        """Markdown table; phases named in ``per_token`` show means per token, the others totals."""
         head, body = self._table(per_token)
         lines = [f"**{self.title(per_token)}**", "", "| " + " | ".join(head) + " |",
                  "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
         return "\n".join(lines)
 
-    def to_rich(self, per_token: bool = False):
-        """A ``rich.table.Table`` of the same rows."""
+    def to_rich(self, per_token: Collection[str] = ()):
+        """A ``rich.table.Table`` of the same rows (see ``to_markdown``)."""
         from rich.table import Table
         head, body = self._table(per_token)
         table = Table(*head, title=self.title(per_token))

@@ -67,11 +67,33 @@ def test_dead_party_fails_the_job_fast():
     assert ours or mpiruns, out
 
 
+def test_dead_dealer_is_named():
+    rc, out, took = _mpirun(3, "dealer-dies", "--timeout-s", "60")
+    assert rc != 0, out
+    assert took < 60, f"took {took:.0f} s"
+    ours = [ln for ln in out.splitlines() if ln.startswith("mpcache: ")]
+    mpiruns = re.search(r"Process name:\s*\[\S*,2\]\s*Exit code:\s*3", out) is not None
+    assert ours or mpiruns, out
+    if ours:  # the first party to notice names the dealer, not "a party or the dealer"
+        assert re.match(r"mpcache: party [01] \([a-z ]+\): dealer \(rank 2\) died or disconnected", ours[0]), out
+
+
 def test_absent_peer_hits_the_rendezvous_deadline():
     rc, out, took = _mpirun(2, "absent", "--timeout-s", "8")
     assert rc == ExitCode.RENDEZVOUS_TIMEOUT, out
     assert "party 0 (client): rendezvous with the other party not done after 8 s" in out, out
     assert took < 60, f"took {took:.0f} s"
+
+
+def test_rank_that_never_starts_mpi_fails_in_one_line():
+    # rank 1 never calls MPI_Init: rank 0 waits in it, with the GIL released, so the deadline fires
+    rc, out, took = _mpirun(2, "absent-mpi", "--timeout-s", "8")
+    assert rc == ExitCode.RENDEZVOUS_TIMEOUT, out
+    assert re.search(r"^mpcache: party 0 \(client\): MPI_Init not done after 8 s: "
+                     r"a rank never started MPI\b.*$", out, re.M), out
+    assert out.count("mpcache:") == 1, out
+    assert not any(s in out for s in ("Traceback", "Fatal Python error", "Thread 0x")), out
+    assert took < 30, f"took {took:.0f} s"
 
 
 def test_wrong_world_size_is_refused():

@@ -99,7 +99,15 @@ def test_peer_error_names_the_peer():
     assert str(lost) == ("party 1 (model owner) died or disconnected "
                          "(gloo: Read error [127.0.0.1]:10887: Connection reset by peer)")
     with_dealer = peer_error(RuntimeError("Connection closed by peer [::1]:9"), rank=1, dealer=True)
-    assert str(with_dealer).startswith("party 0 (client) or dealer (rank 2) died")
+    assert str(with_dealer).startswith("party 0 (client) died")  # not inside a dealer request
+
+    def ttp_request() -> None:  # the name of CrypTen's TTPClient method that talks to the dealer
+        raise RuntimeError("Connection closed by peer [::1]:9")
+    try:
+        ttp_request()
+    except RuntimeError as err:
+        dealer_lost = peer_error(err, rank=0, dealer=True)
+    assert str(dealer_lost).startswith("dealer (rank 2) died or disconnected")
     on_dealer = peer_error(RuntimeError("Broken pipe"), rank=2, dealer=True)
     assert str(on_dealer).startswith("party 0 (client) or party 1 (model owner) died")
     silent = peer_error(RuntimeError("Application timeout caused pair closure"), rank=1)

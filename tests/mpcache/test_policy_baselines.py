@@ -155,7 +155,7 @@ def test_streaming_llm_tokens_match_twin():
 def test_cli_options_build_every_policy_with_public_budgets():
     from mpcache.launch import parse
     from mpcache.policy import policy_names
-    from mpcache.policy.options import POLICIES
+    from mpcache.options import POLICIES
 
     assert sorted(POLICIES) == policy_names()
     opts, _ = parse(["--kv-policy", "mpcache", "--cluster-sizes", "16,8", "--level-ratios", "0.5,0.25",
