@@ -42,7 +42,7 @@ MODEL = "smollm2"
 FULL_LAYERS = 30
 LAN = {"name": "LAN", "bandwidth_bps": 1e9, "rtt_s": 0.5e-3}
 WAN = {"name": "WAN", "bandwidth_bps": 100e6, "rtt_s": 40e-3}
-BASELINES = ("full", "mpcache", "streamingllm", "h2o", "snapkv", "quest")
+BASELINES = ("full", "mpcache", "streaming_llm", "h2o", "snapkv", "quest")
 ABLATION = ("mpcache-static", "mpcache-dyn1", "mpcache-hier")
 HEAD_STAGES = ("embedding", "lm_head", "argmax")
 PAPER = ("MPCache paper (Llama-2/LongChat, 2PC, LAN/WAN): 1.8–2.01× decode latency and 3.39–8.37× "
@@ -50,21 +50,20 @@ PAPER = ("MPCache paper (Llama-2/LongChat, 2PC, LAN/WAN): 1.8–2.01× decode la
 
 
 def build_policy(name: str, meter, prompt_len: int):
-    """The policy ``name`` with the budget rule of the module docstring (all budgets public)."""
-    from mpcache.config import MPCacheConfig
+    """The policy ``name`` (an MPCache ablation or a baseline) with the budget rule of the module
+    docstring (all budgets public)."""
+    from plaintext_ref.mpcache_config import MPCacheConfig
     from mpcache.policy import MPCache, get_policy
     configs = {"mpcache": MPCacheConfig(),
                "mpcache-hier": MPCacheConfig(share_layers=False),
                "mpcache-dyn1": MPCacheConfig(cluster_sizes=(16,), level_ratios=(0.2,), share_layers=False),
                "mpcache-static": MPCacheConfig(share_layers=False, dynamic_min_tokens=1 << 30)}
     if name in configs:
-        pol = MPCache(meter, config=configs[name])
-        pol.name = name
-        return pol
+        return MPCache(meter, config=configs[name])
     budget = MPCache(config=MPCacheConfig()).describe(prompt_len)["attended_last_step"]
     if name == "full":
         return get_policy("full", meter)
-    if name == "streamingllm":
+    if name == "streaming_llm":
         return get_policy(name, meter, n_sink=4, n_recent=budget - 4)
     if name in ("h2o", "snapkv", "quest"):
         return get_policy(name, meter, budget=budget)
@@ -83,7 +82,7 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 def plaintext_kv(hf, ids: list[int], w: int) -> list[tuple]:
     """Client side: post-RoPE (K, V) and the last-w unscaled queries per layer (plaintext prefill)."""
     from plaintext_ref.policies.base import KVPolicy
-    from plaintext_ref.runtime import RefCache, _attached, step
+    from plaintext_ref.runtime import RefCache, attached, step
     rec: dict[int, tuple] = {}
     n = len(ids)
 
@@ -95,7 +94,7 @@ def plaintext_kv(hf, ids: list[int], w: int) -> list[tuple]:
             return kv
 
     cache = RefCache(hf, Recorder())
-    with torch.no_grad(), _attached(hf):
+    with torch.no_grad(), attached(hf):
         step(hf, cache, torch.tensor([ids]), torch.arange(n)[None], logits_to_keep=1)
     return [rec[i] for i in range(len(rec))]
 
@@ -142,13 +141,12 @@ def _project(c: dict, net: dict) -> float:
 def party_job(lengths: list[int], policies: list[str], layers: int, n_new: int, device: str,
               real_prefill: list[int], real_policies: list[str]) -> list[dict]:
     """One party: share the truncated model once, then one simulated run per (policy, T0)."""
-    from mpcache.generate import generate, next_token, share_tokens
-    from mpcache.model import ModelArgs, share_model
-    from mpcache.policy import set_policy
+    from mpcache.generate import next_token, share_tokens
+    from mpcache.model import ModelArgs
     from mpcache.policy.simulate import prefill_from_plaintext_kv
+    from mpcache.session import PrivateSession
     from plaintext_ref.models import load_model
     from protocols.compat import comm
-    from protocols.cost import CostMeter
 
     rank = comm.get().get_rank()
     hf, tok, config = load_model(MODEL)
@@ -156,20 +154,20 @@ def party_job(lengths: list[int], policies: list[str], layers: int, n_new: int, 
     hf.config.num_hidden_layers = layers
     args = dataclasses.replace(ModelArgs.from_hf(config), n_layers=layers,
                                max_seq_len=max(lengths + real_prefill) + n_new + 1)
-    meter = CostMeter()
-    model = share_model(hf.state_dict() if rank == 1 else None, args, meter, device=device)
+    session = PrivateSession(hf.state_dict() if rank == 1 else None, args, device=device)
+    meter, model = session.meter, session.model
     out = []
     for t in lengths:
         ids = prompt_ids(tok, t + 1)
         for name in policies:
             pol = build_policy(name, meter, t)
-            set_policy(model, pol)
+            seq = session.sequence(pol)
             w = pol.window(t)
             rec = plaintext_kv(hf, ids[:t], w) if rank == 0 else None
             tag = f"{len(out)}"
             t0 = time.perf_counter()
             with meter.phase(f"simprefill{tag}"):
-                prefill_from_plaintext_kv(model, t, [(k, v) for k, v, _ in rec] if rec else None,
+                prefill_from_plaintext_kv(model, seq, t, [(k, v) for k, v, _ in rec] if rec else None,
                                           [q for _, _, q in rec] if rec and w else None)
             sim_s = time.perf_counter() - t0
             x = share_tokens([ids[t]] if rank == 0 else None, 1, args.vocab_size, device=device)
@@ -178,7 +176,7 @@ def party_job(lengths: list[int], policies: list[str], layers: int, n_new: int, 
                 comm.get().barrier()
                 t0 = time.perf_counter()
                 with meter.phase(f"decode{tag}", tokens=1):
-                    logits = model.forward(x, torch.tensor([t + j]))
+                    logits = model.forward(x, torch.tensor([t + j]), seq)
                     x, _, _ = next_token(logits, frozenset(), meter)
                 steps.append(time.perf_counter() - t0)
             report = meter.aggregate()
@@ -190,10 +188,8 @@ def party_job(lengths: list[int], policies: list[str], layers: int, n_new: int, 
         ids = prompt_ids(tok, t)
         for name in real_policies:
             pol = build_policy(name, meter, t)
-            set_policy(model, pol)
-            model.reset_caches()
             before = meter.aggregate()
-            gen = generate(model, ids if rank == 0 else None, t, n_new + 1, frozenset(), meter)
+            gen = session.generate(ids if rank == 0 else None, t, n_new + 1, policy=pol)
             after = meter.aggregate()
             pre, dec = _delta(before, after, "prefill"), _delta(before, after, "decode")
             out.append({"policy": name, "length": t, "mode": "real_prefill", "prefill": pre, "decode": dec,
@@ -212,7 +208,7 @@ def summarise(raw: dict, layers: int, device: str) -> dict:
         ext = {k: head[k] + layer[k] * FULL_LAYERS for k in head}
         rec["extrapolated_30_layers"] = dict(ext, **{f"{n['name']}_s": _project(ext, n) for n in (LAN, WAN)})
         if raw["policy"] == "mpcache":
-            from mpcache.config import MPCacheConfig
+            from plaintext_ref.mpcache_config import MPCacheConfig
             shared = sum(MPCacheConfig().shares_with(l) is not None for l in range(FULL_LAYERS))
             sel = dec["stages"].get("kv_select", {"wire_bytes": 0.0, "rounds": 0.0, "wall_s": 0.0})
             saved = {"wire_bytes": sel["wire_bytes"], "rounds": sel["rounds"], "compute_s": sel["wall_s"]}

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from launch.local import run_parties
-from mpcache.config import MPCacheConfig
+from plaintext_ref.mpcache_config import MPCacheConfig
 
 logger = logging.getLogger(__name__)
 
@@ -60,22 +60,17 @@ def prompt_ids(tokenizer, i: int, policy: str) -> list[int]:
 
 def party(model_name: str, ids: list[int], n_new: int, policy: str, device: str) -> dict | None:
     """One party: share SmolLM2, generate greedily; the client returns tokens and timings."""
-    from mpcache.generate import generate
-    from mpcache.model import ModelArgs, share_model
-    from mpcache.policy import MPCache, set_policy
+    from mpcache.model import ModelArgs
+    from mpcache.session import PrivateSession
     from plaintext_ref.models import load_model
     from protocols.compat import comm
-    from protocols.cost import CostMeter
 
     rank = comm.get().get_rank()
     hf, _, config = load_model(model_name)
-    meter = CostMeter()
-    model = share_model(hf.state_dict() if rank == 1 else None, ModelArgs.from_hf(config), meter,
-                        device=device)
+    session = PrivateSession(hf.state_dict() if rank == 1 else None, ModelArgs.from_hf(config), device=device)
     del hf
-    if policy == "mpcache":
-        set_policy(model, MPCache(meter, MPCACHE))
-    gen = generate(model, ids if rank == 0 else None, len(ids), n_new, frozenset(), meter)
+    kv = session.policy("mpcache", config=MPCACHE) if policy == "mpcache" else None
+    gen = session.generate(ids if rank == 0 else None, len(ids), n_new, policy=kv)
     if rank != 0:
         return None
     return {"tokens": gen.tokens, "prefill_s": gen.prefill_s, "decode_s": gen.decode_s}

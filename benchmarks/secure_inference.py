@@ -57,29 +57,25 @@ def build_model(name: str, owner: bool):
 
 def party(name: str, mode: str, n_prompt: int, n_new: int, device: str) -> dict:
     """One party's run; returns the aggregated costs (every party gets the same report)."""
-    from mpcache.generate import generate
-    from mpcache.model import ModelArgs, share_model
+    from mpcache.model import ModelArgs
+    from mpcache.session import PrivateSession
     from protocols.compat import comm
-    from protocols.cost import CostMeter
 
     rank = comm.get().get_rank()
     state, config = build_model(name, owner=rank == 1)
     args = ModelArgs.from_hf(config)
-    meter = CostMeter()
-    with meter.phase("setup"), meter.stage("share_weights"):
-        model = share_model(state, args, meter, src=1, device=device, fixed_masks=mode == "fixed")
+    session = PrivateSession(state, args, device=device, fixed_masks=mode == "fixed")
     del state
     ids = torch.randint(0, args.vocab_size, (n_prompt,), generator=torch.Generator().manual_seed(1)).tolist()
-    gen = generate(model, ids if rank == 0 else None, n_prompt, n_new + 1, frozenset(), meter)
-    report = meter.aggregate()
-    return {"report": report, "tokens": gen.tokens, "threads": torch.get_num_threads(),
+    gen = session.generate(ids if rank == 0 else None, n_prompt, n_new + 1)
+    return {"report": session.costs(), "tokens": gen.tokens, "threads": torch.get_num_threads(),
             "params": matrix_params(args)}
 
 
 def matrix_params(args) -> int:
     """|W| summed over the weight operands (the stock per-token estimate is 16·|W| bytes per party)."""
-    from mpcache.model import _fused_shapes
-    return sum(math.prod(s) for k, s in _fused_shapes(args).items() if len(s) == 2 and k != "pos")
+    from mpcache.model import shared_shapes
+    return sum(math.prod(s) for k, s in shared_shapes(args).items() if len(s) == 2 and k != "pos")
 
 
 def row_of(name: str, mode: str, device: str, n_prompt: int, n_new: int, result: dict,

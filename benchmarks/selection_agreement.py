@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.mpcache_cost import MODEL, REPORTS, plaintext_kv, prompt_ids
-from mpcache.config import MPCacheConfig
+from plaintext_ref.mpcache_config import MPCacheConfig
 from plaintext_ref.policies import mpcache as twin
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def compare_static(s_mpc: torch.Tensor, kept: torch.Tensor | None, q_win: torch.
                    n_keep: int) -> list[Verdict]:
     """Per batch row: MPC static set vs the twin's on the same window queries and keys. s_mpc (B, T0) are
     the MPC's Σ-over-heads scores (the twin's mean × H); kept (B, K) the decoded set or None (keep all)."""
-    s_twin = twin.static_scores(twin.window_attention(q_win, k)) * q_win.shape[1]
+    s_twin = twin.static_scores(twin.window_attention(q_win, k, q_win.shape[-1] ** -0.5)) * q_win.shape[1]
     want = twin.static_keep(s_twin, n_keep) if n_keep < k.shape[-2] else None
     out = []
     for b in range(s_mpc.shape[0]):
@@ -164,34 +164,35 @@ def party_job(model_name: str, lengths: list[int], layers: int, steps: int, devi
     """One party: per T0, simulated prefill + teacher-forced decode with every selection opened (AUDIT).
     Rank 0 (the client, which holds the plaintext cache in the simulation) compares and returns counts."""
     from mpcache.generate import share_tokens
-    from mpcache.model import ModelArgs, share_model
-    from mpcache.policy import MPCache, set_policy
+    from mpcache.model import ModelArgs
+    from mpcache.policy import MPCache
     from mpcache.policy.base import window_scores
     from mpcache.policy.simulate import prefill_from_plaintext_kv
+    from mpcache.session import PrivateSession
     from plaintext_ref.models import load_model
     from plaintext_ref.runtime import teacher_forced_logits
     from protocols.compat import comm
-    from protocols.cost import CostMeter
 
     class Audited(MPCache):
-        """MPCache that opens its inputs and choices on the layers that select (AUDIT ONLY)."""
+        """MPCache that opens its inputs and choices on the layers that select (AUDIT ONLY); one
+        object per audited run, which keeps the openings."""
 
-        def reset(self) -> None:
-            super().reset()
+        def __init__(self, config: MPCacheConfig) -> None:
+            super().__init__(None, config)
             self.static_log: dict[int, tuple] = {}
             self.step_log: list[tuple] = []
 
-        def after_prefill(self, layer, cache, p_win) -> None:
+        def after_prefill(self, layer, cache, p_win, partner) -> None:
             s = window_scores(p_win).get_plain_text().cpu() if p_win is not None else None
-            super().after_prefill(layer, cache, p_win)
+            super().after_prefill(layer, cache, p_win, partner)
             if s is not None:
-                e = self._static[layer]
+                e = cache.aux["static"]
                 self.static_log[layer] = (s, None if e is None else e.get_plain_text().argmax(-1).cpu())
 
-        def decode(self, layer, q, cache):
-            out = super().decode(layer, q, cache)
-            if self.shares_with(layer) is None and cache.length > self.config.dynamic_min_tokens:
-                sel = self._selection[layer]
+        def decode(self, layer, q, cache, partner):
+            out = super().decode(layer, q, cache, partner)
+            if partner is None and cache.length > self.config.dynamic_min_tokens:
+                sel = cache.aux["selection"]
                 self.step_log.append((layer, q.sum(dim=2).get_plain_text().cpu(),
                                       cache.keys.secret.get_plain_text().cpu(),
                                       [None if p is None else p.get_plain_text().cpu() for p in sel.picks],
@@ -204,21 +205,22 @@ def party_job(model_name: str, lengths: list[int], layers: int, steps: int, devi
     hf.model.layers = hf.model.layers[:layers]
     hf.config.num_hidden_layers = layers
     args = dataclasses.replace(ModelArgs.from_hf(config), n_layers=layers, max_seq_len=max(lengths) + steps + 1)
-    model = share_model(hf.state_dict() if rank == 1 else None, args, CostMeter(), device=device)
+    session = PrivateSession(hf.state_dict() if rank == 1 else None, args, device=device)
     out = []
     for t in lengths:
         ids = prompt_ids(tok, t + steps)
-        pol = Audited(None, cfg)
-        set_policy(model, pol)
+        pol = Audited(cfg)
+        seq = session.sequence(pol)
         w = pol.window(t)
         rec = plaintext_kv(hf, ids[:t], w) if rank == 0 else None
         t0 = time.perf_counter()
-        prefill_from_plaintext_kv(model, t, [(k, v) for k, v, _ in rec] if rec else None,
+        prefill_from_plaintext_kv(session.model, seq, t, [(k, v) for k, v, _ in rec] if rec else None,
                                   [q for _, _, q in rec] if rec else None)
         argmax = []
         for j in range(steps):
             x = share_tokens([ids[t + j]] if rank == 0 else None, 1, args.vocab_size, device=device)
-            argmax.append(int(model.forward(x, torch.tensor([t + j]))[0, 0].get_plain_text().argmax()))
+            logits = session.model.forward(x, torch.tensor([t + j]), seq)
+            argmax.append(int(logits[0, 0].get_plain_text().argmax()))
         seconds = time.perf_counter() - t0
         if rank != 0:
             continue

@@ -1,22 +1,26 @@
-"""The secret KV cache of one layer, and the full-cache attention policy.
+"""Per-sequence secret state: one layer's KV cache (``SecretKVCache``) and one generation's
+(``Sequence``: a cache per layer and the KV policy that decides what they attend).
 
 ``SecretKVCache`` holds [K] and [V] as fixed-mask operands that grow by rows (tokens): each row's
 ``δ = row − B_row`` is opened once, when it is appended, so later ``q @ Kᵀ`` and ``P @ V`` products
-open only the (small) query / probability side. ``FullCachePolicy`` is the attention step every KV
-policy replaces: ``attend(layer, q, cache, mask)``; MPCache's policies plug in at this one call.
+open only the (small) query / probability side. Whatever a policy keeps about a sequence (static
+one-hots, cluster summaries, the last selection) lives in the cache's ``aux``, never on the policy, so
+one model serves any number of sequences, interleaved or restarted.
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import TYPE_CHECKING
 
-from protocols.fixed_mask import FixedMaskOperand, StockOperand, fixed_matmul
-from protocols.nonlinear import softmax
-from protocols.types import Public, Secret
+from protocols.fixed_mask import FixedMaskOperand, StockOperand
+from protocols.types import Secret
+
+if TYPE_CHECKING:
+    from mpcache.policy.base import MPCPolicy
 
 
 class SecretKVCache:
-    """[K], [V] of one layer, each (B, Hkv, T, D), T growing by appended rows (tokens).
+    """[K], [V] of one layer, each (B, Hkv, T, D), T growing by appended rows (tokens), and ``aux``:
+    the policy's secret per-sequence state for this layer (by name).
 
     ``operand``: ``FixedMaskOperand`` (default) or ``StockOperand`` (the stock-CrypTen baseline:
     nothing opened on append, K and V opened by every product).
@@ -26,6 +30,7 @@ class SecretKVCache:
         self.operand = operand
         self.k: FixedMaskOperand | None = None
         self.v: FixedMaskOperand | None = None
+        self.aux: dict[str, object] = {}
 
     def append(self, k: Secret, v: Secret) -> None:
         """Append S new tokens: k, v (B, Hkv, S, D); opens only their masked rows."""
@@ -56,32 +61,24 @@ class SecretKVCache:
         return self.v
 
 
-class Meter(Protocol):
-    """What the model needs of a ``protocols.cost.CostMeter``."""
+class Sequence:
+    """One generation's secret state: ``caches[ℓ]`` for every layer ℓ, and its KV ``policy``.
 
-    def stage(self, name: str) -> AbstractContextManager: ...
-
-
-class KVPolicy(Protocol):
-    """What attention calls once per layer; MPCache's policies implement the same method."""
-
-    def attend(self, layer: int, q: Secret, cache: SecretKVCache, mask: Public | None) -> Secret: ...
-
-
-class FullCachePolicy:
-    """Attend over every cached token: softmax([q] [K]ᵀ, mask) [V].
-
-    Public: T, the 0/1 mask. Cost: two fixed-mask matmuls (open |q| + |P| elements) plus one softmax.
+    The model's forward passes layer ℓ its own cache and, when ``policy.shares_with(ℓ) = ℓ'``,
+    layer ℓ''s cache as the partner whose selection it reuses. Public: T (``length``).
     """
 
-    def __init__(self, meter: Meter) -> None:
-        self.meter = meter
+    def __init__(self, n_layers: int, policy: MPCPolicy,
+                 operand: type[FixedMaskOperand] | type[StockOperand] = FixedMaskOperand) -> None:
+        self.caches = [SecretKVCache(operand) for _ in range(n_layers)]
+        self.policy = policy
 
-    def attend(self, layer: int, q: Secret, cache: SecretKVCache, mask: Public | None) -> Secret:
-        """q: (B, Hkv, G·S, D), already scaled by 1/√D; mask: (G·S, T) 0/1 or None -> (B, Hkv, G·S, D)."""
-        with self.meter.stage("attention"):
-            scores = fixed_matmul(q, cache.keys, transpose_w=True)  # (B,Hkv,GS,D) x (B,Hkv,D,T) -> (B,Hkv,GS,T)
-        with self.meter.stage("softmax"):
-            probs = softmax(scores, dim=-1, mask=mask)
-        with self.meter.stage("attention"):
-            return fixed_matmul(probs, cache.values)  # (B,Hkv,GS,T) x (B,Hkv,T,D) -> (B,Hkv,GS,D)
+    @property
+    def length(self) -> int:
+        """T, the number of cached tokens (public; every layer holds the same count)."""
+        return self.caches[0].length
+
+    def partner(self, layer: int) -> SecretKVCache | None:
+        """The cache of the layer whose selection ``layer`` reuses, or None."""
+        src = self.policy.shares_with(layer)
+        return None if src is None else self.caches[src]

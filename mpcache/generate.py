@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
+from mpcache.cache import Sequence
 from mpcache.model import Progress, SecureTransformer
 from protocols.compat import comm, crypten
-from protocols.cost import CostMeter
+from protocols.cost import CostMeter, Meter
 from protocols.selection import argmax_onehot, reveal_to
 from protocols.types import Secret
 
@@ -51,11 +52,13 @@ def share_tokens(ids: list[int] | None, n: int, vocab_size: int, src: int = CLIE
     return crypten.cryptensor(onehot, src=src, device=device)
 
 
-def next_token(logits: Secret, eos_ids: frozenset[int], meter: CostMeter) -> tuple[Secret, int | None, bool]:
+def next_token(logits: Secret, eos_ids: frozenset[int], meter: Meter,
+               cancel: Callable[[], bool] | None = None) -> tuple[Secret, int | None, bool]:
     """Secure argmax of [logits] (1, 1, V) -> ([one-hot] (1, 1, V), id on the client, stop flag).
 
-    Only the id is opened, to the client alone; the client then tells every party whether it was an
-    end-of-sequence token (the number of generated tokens is public by design).
+    Only the id is opened, to the client alone; the client then tells every party whether to stop:
+    an end-of-sequence token, or ``cancel()`` (client only) returning True (the number of generated
+    tokens is public by design).
     """
     with meter.stage("argmax"):
         onehot = argmax_onehot(logits, dim=-1)  # (1, 1, V), exactly one 1
@@ -63,45 +66,67 @@ def next_token(logits: Secret, eos_ids: frozenset[int], meter: CostMeter) -> tup
         token_id = (onehot * ids).sum(dim=-1)  # (1, 1)
         opened = reveal_to(token_id, dst=CLIENT)
         token = int(opened.round().item()) if opened is not None else None
-        stop = comm.get().broadcast_obj(token in eos_ids if token is not None else None, CLIENT)
+        stop = comm.get().broadcast_obj((token in eos_ids or bool(cancel and cancel()))
+                                        if token is not None else None, CLIENT)
     return onehot, token, bool(stop)
 
 
-def generate(model: SecureTransformer, prompt_ids: list[int] | None, n_prompt: int,
-             max_new_tokens: int, eos_ids: frozenset[int], meter: CostMeter,
-             on_token: Callable[[int, int | None, float], None] | None = None,
-             on_prefill: Progress | None = None) -> Generation:
-    """Greedy decoding of up to ``max_new_tokens`` tokens, stopping after an EOS token.
+@dataclass(frozen=True)
+class Step:
+    """One generated token: ``index`` (0 = the prefill's), ``token`` (client only, else None), seconds."""
 
-    ``prompt_ids``: the client's ids (``None`` on other parties); ``n_prompt`` (public) their count.
-    ``on_token(step, token_or_None, seconds)`` is called after each generated token,
-    ``on_prefill(layers_done, n_layers)`` after each layer of the prefill.
+    index: int
+    token: int | None
+    seconds: float
+
+
+def steps(model: SecureTransformer, seq: Sequence, prompt_ids: list[int] | None, n_prompt: int,
+          max_new_tokens: int, eos_ids: frozenset[int], meter: CostMeter,
+          on_prefill: Progress | None = None, cancel: Callable[[], bool] | None = None) -> Iterator[Step]:
+    """Greedy decoding of ``seq`` one token per ``next()``: the prefill, then up to
+    ``max_new_tokens − 1`` decode steps, stopping after an EOS token or once the client's
+    ``cancel()`` returns True (checked once per token, after its argmax).
+
+    Collective: every party iterates in step. ``prompt_ids``: the client's ids (``None`` on other
+    parties); ``n_prompt`` (public) their count. Iterators of different sequences may be interleaved.
+    ``on_prefill(layers_done, n_layers)`` is called after each layer of the prefill.
     """
     assert max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}"
     assert n_prompt + max_new_tokens <= model.args.max_seq_len, (
         f"{n_prompt} prompt + {max_new_tokens} new tokens exceed the context {model.args.max_seq_len}")
-    tokens: list[int] = []
+    assert seq.length == 0, f"a new generation needs an empty sequence, got {seq.length} cached tokens"
     t0 = time.perf_counter()
     with meter.phase("prefill", tokens=n_prompt):
         with meter.stage("embedding"):
             onehot = share_tokens(prompt_ids, n_prompt, model.args.vocab_size, device=model.device)
-        logits = model.forward(onehot, torch.arange(n_prompt), progress=on_prefill)
-        onehot, token, stop = next_token(logits, eos_ids, meter)
-    result = Generation(None, n_prompt, 1, time.perf_counter() - t0)
-    tokens.append(token)
-    if on_token:
-        on_token(0, token, result.prefill_s)
-    for step in range(1, max_new_tokens):
+        logits = model.forward(onehot, torch.arange(n_prompt), seq, progress=on_prefill)
+        onehot, token, stop = next_token(logits, eos_ids, meter, cancel)
+    yield Step(0, token, time.perf_counter() - t0)
+    for index in range(1, max_new_tokens):
         if stop:
-            break
+            return
         t0 = time.perf_counter()
         with meter.phase("decode", tokens=1):
-            logits = model.forward(onehot, torch.tensor([n_prompt + step - 1]))
-            onehot, token, stop = next_token(logits, eos_ids, meter)
-        result.decode_s.append(time.perf_counter() - t0)
-        tokens.append(token)
+            logits = model.forward(onehot, torch.tensor([n_prompt + index - 1]), seq)
+            onehot, token, stop = next_token(logits, eos_ids, meter, cancel)
+        yield Step(index, token, time.perf_counter() - t0)
+
+
+def generate(model: SecureTransformer, seq: Sequence, prompt_ids: list[int] | None, n_prompt: int,
+             max_new_tokens: int, eos_ids: frozenset[int], meter: CostMeter,
+             on_token: Callable[[Step], None] | None = None,
+             on_prefill: Progress | None = None) -> Generation:
+    """``steps`` run to the end: the tokens (client only) and the seconds of prefill and each decode
+    step. ``on_token(step)`` is called after each generated token."""
+    tokens, result = [], Generation(None, n_prompt, 0, 0.0)
+    for step in steps(model, seq, prompt_ids, n_prompt, max_new_tokens, eos_ids, meter, on_prefill):
+        tokens.append(step.token)
+        if step.index == 0:
+            result.prefill_s = step.seconds
+        else:
+            result.decode_s.append(step.seconds)
         if on_token:
-            on_token(step, token, result.decode_s[-1])
+            on_token(step)
     result.n_generated = len(tokens)
     result.tokens = tokens if comm.get().get_rank() == CLIENT else None
     return result

@@ -32,6 +32,7 @@ from plaintext_ref.model_specs import DEFAULT_MODEL, NAMED, TINY_CONFIGS, check_
 from protocols.config import ProtocolConfig, protocol_context
 
 CLIENT, OWNER = 0, 1
+STARTED = time.monotonic()  # the others' rendezvous deadlines run from about their start, too
 STDIN_HINT_AFTER_S = 1.0
 STDIN_IDLE_S = 0.5
 PROMPT_FLAG_WARNING = ("warning: --prompt is on the command line of every rank, so the model owner's "
@@ -217,11 +218,11 @@ def client_input(opts: RunOptions, wait_s: float) -> ClientInput:
 
     ``wait_s``: how long standard input may stay silent (the other ranks' rendezvous deadline).
     """
-    from mpcache.generate import encode_prompt
     check_tokenizer_spec(opts.tokenizer)
     if opts.json_out:
         _check_output(opts.json_out)
     text = read_prompt(opts, wait_s)
+    from mpcache.generate import encode_prompt  # heavy (torch, CrypTen): after the light checks
     tok = client_tokenizer(opts.tokenizer)
     ids = encode_prompt(tok, text, opts.raw)
     if not ids:
@@ -297,43 +298,37 @@ def party_main(opts: RunOptions, mine: ClientInput | None, topo: Topology, proto
     """What ranks 0 and 1 run after CrypTen is up."""
     import logging
 
-    from mpcache.generate import generate
-    from mpcache.model import share_model
-    from mpcache.policy import set_policy
-    from protocols.cost import CostMeter
+    from mpcache.session import PrivateSession
     logging.getLogger().setLevel(opts.log_level.upper())
     rank = topo.rank
     state, args, label, digest = load_owner_side(opts, rank)
     n_prompt = check_client_side(opts, mine, args, digest)
-    meter = CostMeter()
-    policy = opts.kv.build(meter)
-    budgets = {k: v for k, v in policy.describe(n_prompt, opts.max_new_tokens).items() if k != "policy"}
+    budgets = {k: v for k, v in opts.kv.build().describe(n_prompt, opts.max_new_tokens).items() if k != "policy"}
     if rank == CLIENT:
         public = PublicInfo(architecture(args), n_prompt, opts.max_new_tokens, protocol.precision_bits,
                             {"kv policy": opts.kv.kv_policy, **budgets, "options digest": public_digest})
         print(banner(f"{label} on {topo.device}", topo.dealer, public), flush=True)
     t0 = time.perf_counter()
     progress, done = _bar(rank, "sharing weights", "tensor")
-    with meter.phase("setup"), meter.stage("share_weights"):
-        model = share_model(state, args, meter, src=OWNER, device=topo.device, progress=progress)
+    session = PrivateSession(state, args, src=OWNER, device=topo.device, progress=progress)
     done()
     del state
-    set_policy(model, policy)
     setup_s = time.perf_counter() - t0
     tok = mine.tokenizer if mine else None
     eos = frozenset(t for t in (getattr(tok, "eos_token_id", None),) if t is not None)
     on_prefill, prefill_done = _bar(rank, f"prefill ({n_prompt} tokens)", "layer")
 
-    def on_token(step: int, token: int | None, seconds: float) -> None:
-        if step == 0:
+    def on_token(step) -> None:
+        if step.index == 0:
             prefill_done()
         if rank == CLIENT:
-            print(f"token {step + 1:>3}/{opts.max_new_tokens}  id {token:>6}  "
-                  f"{tok.decode([token])!r:<16} {seconds:6.2f} s", flush=True)
+            print(f"token {step.index + 1:>3}/{opts.max_new_tokens}  id {step.token:>6}  "
+                  f"{tok.decode([step.token])!r:<16} {step.seconds:6.2f} s", flush=True)
 
-    gen = generate(model, mine.ids if mine else None, n_prompt, opts.max_new_tokens, eos, meter,
-                   on_token=on_token, on_prefill=on_prefill)
-    costs = meter.aggregate()
+    gen = session.generate(mine.ids if mine else None, n_prompt, opts.max_new_tokens,
+                           policy=opts.kv.build(session.meter), eos_ids=eos, on_token=on_token,
+                           on_prefill=on_prefill)
+    costs = session.costs()
     if rank == CLIENT:
         report(opts, topo, tok, gen, costs, setup_s, budgets, protocol)
 
@@ -364,8 +359,8 @@ def report(opts: RunOptions, topo: Topology, tok, gen, costs, setup_s: float, bu
 def _role_input(opts: RunOptions, cfg: LaunchConfig) -> ClientInput | None:
     """This rank's own input, checked before it joins the others (raises ValueError)."""
     rank = env_rank()
-    if rank == CLIENT:  # leave the others time to hear that the client gave up
-        return client_input(opts, wait_s=max(1.0, 0.8 * cfg.timeout_s - 5))
+    if rank == CLIENT:  # give up on stdin well before the others' rendezvous deadline (from start)
+        return client_input(opts, wait_s=max(1.0, 0.8 * cfg.timeout_s - 5 - (time.monotonic() - STARTED)))
     if rank == OWNER:
         check_model_spec(opts.model)
     return None
@@ -374,6 +369,8 @@ def _role_input(opts: RunOptions, cfg: LaunchConfig) -> ClientInput | None:
 def main(argv: list[str] | None = None) -> int:
     opts, cfg = parse(argv)
     protocol = ProtocolConfig()
+    public = opts.public(protocol)  # at start: the code digest is of the code this rank started with
+    digest = options_digest(public)
     mine = None
     if under_mpi():
         try:
@@ -381,8 +378,6 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             print(f"mpcache: {describe_rank(env_rank() or 0)}: {err}", file=sys.stderr, flush=True)
             return int(ExitCode.USAGE)
-    public = opts.public(protocol)
-    digest = options_digest(public)
 
     def party(topo: Topology) -> None:
         with protocol_context(protocol):

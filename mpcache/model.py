@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 
-from mpcache.cache import FullCachePolicy, KVPolicy, Meter, SecretKVCache
+from mpcache.cache import Sequence
 from plaintext_ref.models import max_context, model_family
 from protocols.compat import comm, crypten
+from protocols.cost import Meter
 from protocols.fixed_mask import FixedMaskOperand, StockOperand, fixed_matmul
 from protocols.nonlinear import gelu_tanh, layer_norm, rms_norm, silu
 from protocols.types import Public, Secret
+
+if TYPE_CHECKING:
+    from mpcache.policy.base import MPCPolicy
 
 Progress = Callable[[int, int], None]  # progress(done, total), for a progress bar
 
@@ -131,13 +135,13 @@ def apply_rope(x: Secret, cos: torch.Tensor, sin: torch.Tensor) -> Secret:
 
 class SecureAttention:
     def __init__(self, args: ModelArgs, layer: int, wqkv: FixedMaskOperand, bqkv: Secret | None,
-                 wo: FixedMaskOperand, bo: Secret | None, policy: KVPolicy, meter: Meter) -> None:
-        self.args, self.layer, self.policy, self.meter = args, layer, policy, meter
+                 wo: FixedMaskOperand, bo: Secret | None, meter: Meter) -> None:
+        self.args, self.layer, self.meter = args, layer, meter
         self.wqkv, self.bqkv, self.wo, self.bo = wqkv, bqkv, wo, bo
-        self.cache = SecretKVCache(type(wqkv))  # stock weights -> stock cache
 
-    def __call__(self, x: Secret, rope: Rope, mask: Public | None) -> Secret:
-        """x (B, S, E) -> (B, S, E); appends the S new K/V rows, then one call into the policy."""
+    def __call__(self, x: Secret, rope: Rope, mask: Public | None, seq: Sequence) -> Secret:
+        """x (B, S, E) -> (B, S, E); appends the S new K/V rows to this layer's cache in ``seq``, then
+        one call into the sequence's policy."""
         a = self.args
         B, S, _ = x.shape
         H, Hkv, D, G = a.n_heads, a.n_kv_heads, a.head_dim, a.n_groups
@@ -149,10 +153,11 @@ class SecureAttention:
         if rope is not None:
             with self.meter.stage("rope"):
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        cache = seq.caches[self.layer]
         with self.meter.stage("attention"):
-            self.cache.append(k, v)
+            cache.append(k, v)
         q = (q * (1.0 / math.sqrt(D))).reshape(B, Hkv, G * S, D)  # query heads h = kv·G + g
-        y = self.policy.attend(self.layer, q, self.cache, mask)  # (B, Hkv, G·S, D)
+        y = seq.policy.attend(self.layer, q, cache, mask, seq.partner(self.layer))  # (B, Hkv, G·S, D)
         y = y.reshape(B, H, S, D).transpose(1, 2).reshape(B, S, H * D)
         with self.meter.stage("attention"):
             return _linear(y, self.wo, self.bo)  # (B, S, H·D) -> (B, S, E)
@@ -183,17 +188,18 @@ class SecureBlock:
         self.attention_norm, self.attention, self.ffn_norm, self.mlp = attention_norm, attention, ffn_norm, mlp
         self.meter = meter
 
-    def __call__(self, x: Secret, rope: Rope, mask: Public | None) -> Secret:  # (B, S, E) -> (B, S, E)
+    def __call__(self, x: Secret, rope: Rope, mask: Public | None, seq: Sequence) -> Secret:  # (B, S, E) -> (B, S, E)
         with self.meter.stage("norm"):
             xn = self.attention_norm(x)
-        h = x + self.attention(xn, rope, mask)
+        h = x + self.attention(xn, rope, mask, seq)
         with self.meter.stage("norm"):
             hn = self.ffn_norm(h)
         return h + self.mlp(hn)
 
 
 class SecureTransformer:
-    """Decoder on shares; ``forward`` consumes secret one-hot tokens and fills the per-layer caches."""
+    """Decoder on shares (the weights); ``forward`` consumes secret one-hot tokens and fills the caches
+    of a ``Sequence``, which holds all per-generation state."""
 
     def __init__(self, args: ModelArgs, tok_embeddings: FixedMaskOperand, pos_embeddings: Secret | None,
                  layers: list[SecureBlock], norm: Norm, output: FixedMaskOperand, meter: Meter) -> None:
@@ -204,24 +210,19 @@ class SecureTransformer:
     def device(self) -> torch.device:
         return self.tok_embeddings.device
 
-    @property
-    def cache_length(self) -> int:
-        return self.layers[0].attention.cache.length
+    def new_sequence(self, policy: MPCPolicy) -> Sequence:
+        """Empty per-layer caches for one generation under ``policy`` (an ``MPCPolicy``)."""
+        return Sequence(self.args.n_layers, policy, type(self.tok_embeddings))  # stock weights: stock cache
 
-    def reset_caches(self) -> None:
-        """Drop every layer's KV cache (a new conversation; the shared weights stay)."""
-        for block in self.layers:
-            block.attention.cache = SecretKVCache(block.attention.cache.operand)
-
-    def forward(self, onehot: Secret, input_pos: Public, hidden_states: list[Secret] | None = None,
-                progress: Progress | None = None) -> Secret:
+    def forward(self, onehot: Secret, input_pos: Public, seq: Sequence,
+                hidden_states: list[Secret] | None = None, progress: Progress | None = None) -> Secret:
         """[onehot] (B, S, V) at public positions input_pos (S,) -> last-position [logits] (B, 1, V).
 
-        Appends the S tokens to every layer's cache. ``hidden_states``, when given, receives the
-        residual stream after the embedding and after each block (B, S, E) (for tests).
+        Appends the S tokens to every layer's cache in ``seq``. ``hidden_states``, when given,
+        receives the residual stream after the embedding and after each block (B, S, E) (for tests).
         ``progress(done, n_layers)`` is called after each block.
         """
-        S, T = onehot.shape[1], self.cache_length + onehot.shape[1]
+        S, T = onehot.shape[1], seq.length + onehot.shape[1]
         # positions are logical: a policy may have evicted cached tokens (static eviction), never added
         assert int(input_pos[-1]) >= T - 1, f"positions {input_pos.tolist()} end before cache length {T - 1}"
         input_pos = input_pos.to(self.device)
@@ -234,7 +235,7 @@ class SecureTransformer:
         for i, block in enumerate(self.layers):
             if hidden_states is not None:
                 hidden_states.append(x)
-            x = block(x, rope, mask)
+            x = block(x, rope, mask, seq)
             if progress:
                 progress(i + 1, len(self.layers))
         if hidden_states is not None:
@@ -251,90 +252,101 @@ def causal_mask(input_pos: Public, T: int, groups: int) -> torch.Tensor:
     return mask.repeat(groups, 1)  # (G·S, T)
 
 
-def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """HF state-dict key -> shape that ``share_model`` requires (a tied LM head is not listed)."""
+class Source(NamedTuple):
+    """How one tensor of our layout is made from HF tensors ``hf`` (HF key -> HF shape): the only one
+    as-is, several concatenated along dim 0 in this order (q|k|v, gate|up), or, with ``transpose``,
+    the only one transposed (GPT-2's Conv1D stores (in, out); we use nn.Linear's (out, in))."""
+
+    hf: dict[str, tuple[int, ...]]
+    transpose: bool = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shapes = list(self.hf.values())
+        if self.transpose:
+            return shapes[0][::-1]
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+    def build(self, sd: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = [sd[k] for k in self.hf]
+        if self.transpose:
+            return parts[0].t()
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _as_is(key: str, *shape: int) -> Source:
+    return Source({key: shape})
+
+
+def _conv1d(key: str, *shape: int) -> Source:
+    return Source({key: shape}, transpose=True)
+
+
+def _llama_layout(args: ModelArgs) -> dict[str, Source]:
     E, F, V, D = args.dim, args.hidden_dim, args.vocab_size, args.head_dim
-    head = {} if args.tie_embeddings else {"lm_head.weight": (V, E)}
-    if args.family == "gpt2":
-        shapes = {"transformer.wte.weight": (V, E), "transformer.wpe.weight": (args.max_seq_len, E),
-                  "transformer.ln_f.weight": (E,), "transformer.ln_f.bias": (E,)}
-        for i in range(args.n_layers):
-            p = f"transformer.h.{i}."
-            shapes.update({p + "ln_1.weight": (E,), p + "ln_1.bias": (E,), p + "ln_2.weight": (E,),
-                           p + "ln_2.bias": (E,), p + "attn.c_attn.weight": (E, 3 * E),
-                           p + "attn.c_attn.bias": (3 * E,), p + "attn.c_proj.weight": (E, E),
-                           p + "attn.c_proj.bias": (E,), p + "mlp.c_fc.weight": (E, F),
-                           p + "mlp.c_fc.bias": (F,), p + "mlp.c_proj.weight": (F, E),
-                           p + "mlp.c_proj.bias": (E,)})
-        return shapes | head
-    H, Hkv = args.n_heads, args.n_kv_heads
-    shapes = {"model.embed_tokens.weight": (V, E), "model.norm.weight": (E,)}
-    for i in range(args.n_layers):
-        p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (E,), p + "post_attention_layernorm.weight": (E,),
-                       p + "self_attn.q_proj.weight": (H * D, E), p + "self_attn.k_proj.weight": (Hkv * D, E),
-                       p + "self_attn.v_proj.weight": (Hkv * D, E), p + "self_attn.o_proj.weight": (E, H * D),
-                       p + "mlp.gate_proj.weight": (F, E), p + "mlp.up_proj.weight": (F, E),
-                       p + "mlp.down_proj.weight": (E, F)})
-        if args.qkv_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (H * D,), p + "self_attn.k_proj.bias": (Hkv * D,),
-                           p + "self_attn.v_proj.bias": (Hkv * D,)})
-    return shapes | head
-
-
-def _fused(args: ModelArgs, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Model owner only: HF tensors -> our layout (Linear (out, in); q|k|v and gate|up fused)."""
-    out: dict[str, torch.Tensor] = {}
-    if args.family == "gpt2":
-        out["tok"], out["pos"] = sd["transformer.wte.weight"], sd["transformer.wpe.weight"]
-        out["norm.w"], out["norm.b"] = sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]
-        if not args.tie_embeddings:
-            out["output"] = sd["lm_head.weight"]
-        for i in range(args.n_layers):
-            p, q = f"transformer.h.{i}.", f"{i}."
-            # GPT-2's Conv1D stores (in, out): transpose to nn.Linear's (out, in).
-            out.update({q + "wqkv": sd[p + "attn.c_attn.weight"].t(), q + "bqkv": sd[p + "attn.c_attn.bias"],
-                        q + "wo": sd[p + "attn.c_proj.weight"].t(), q + "bo": sd[p + "attn.c_proj.bias"],
-                        q + "w_in": sd[p + "mlp.c_fc.weight"].t(), q + "b_in": sd[p + "mlp.c_fc.bias"],
-                        q + "w_out": sd[p + "mlp.c_proj.weight"].t(), q + "b_out": sd[p + "mlp.c_proj.bias"],
-                        q + "n1.w": sd[p + "ln_1.weight"], q + "n1.b": sd[p + "ln_1.bias"],
-                        q + "n2.w": sd[p + "ln_2.weight"], q + "n2.b": sd[p + "ln_2.bias"]})
-        return out
-    out["tok"], out["norm.w"] = sd["model.embed_tokens.weight"], sd["model.norm.weight"]
+    rows = {"q": args.n_heads * D, "k": args.n_kv_heads * D, "v": args.n_kv_heads * D}
+    layout = {"tok": _as_is("model.embed_tokens.weight", V, E), "norm.w": _as_is("model.norm.weight", E)}
     if not args.tie_embeddings:
-        out["output"] = sd["lm_head.weight"]
+        layout["output"] = _as_is("lm_head.weight", V, E)
     for i in range(args.n_layers):
         p, q = f"model.layers.{i}.", f"{i}."
         a = p + "self_attn."
-        out[q + "wqkv"] = torch.cat([sd[a + n + "_proj.weight"] for n in "qkv"])
+        layout.update({
+            q + "wqkv": Source({f"{a}{n}_proj.weight": (r, E) for n, r in rows.items()}),
+            q + "wo": _as_is(a + "o_proj.weight", E, rows["q"]),
+            q + "n1.w": _as_is(p + "input_layernorm.weight", E),
+            q + "n2.w": _as_is(p + "post_attention_layernorm.weight", E),
+            q + "w_in": Source({p + "mlp.gate_proj.weight": (F, E), p + "mlp.up_proj.weight": (F, E)}),
+            q + "w_out": _as_is(p + "mlp.down_proj.weight", E, F)})
         if args.qkv_bias:
-            out[q + "bqkv"] = torch.cat([sd[a + n + "_proj.bias"] for n in "qkv"])
-        out.update({q + "wo": sd[a + "o_proj.weight"],
-                    q + "w_in": torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]),
-                    q + "w_out": sd[p + "mlp.down_proj.weight"],
-                    q + "n1.w": sd[p + "input_layernorm.weight"],
-                    q + "n2.w": sd[p + "post_attention_layernorm.weight"]})
-    return out
+            layout[q + "bqkv"] = Source({f"{a}{n}_proj.bias": (r,) for n, r in rows.items()})
+    return layout
 
 
-def _fused_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Public shapes of the fused layout (what the non-owner allocates)."""
-    E, F, V, D, H, Hkv = args.dim, args.hidden_dim, args.vocab_size, args.head_dim, args.n_heads, args.n_kv_heads
-    qkv = (H + 2 * Hkv) * D
-    shapes: dict[str, tuple[int, ...]] = {"tok": (V, E), "norm.w": (E,)}
+def _gpt2_layout(args: ModelArgs) -> dict[str, Source]:
+    E, F, V = args.dim, args.hidden_dim, args.vocab_size
+    layout = {"tok": _as_is("transformer.wte.weight", V, E), "norm.w": _as_is("transformer.ln_f.weight", E)}
     if not args.tie_embeddings:
-        shapes["output"] = (V, E)
-    if args.family == "gpt2":
-        shapes.update({"pos": (args.max_seq_len, E), "norm.b": (E,)})
+        layout["output"] = _as_is("lm_head.weight", V, E)
+    layout.update({"pos": _as_is("transformer.wpe.weight", args.max_seq_len, E),
+                   "norm.b": _as_is("transformer.ln_f.bias", E)})
     for i in range(args.n_layers):
-        q = f"{i}."
-        shapes.update({q + "wqkv": (qkv, E), q + "wo": (E, H * D), q + "n1.w": (E,), q + "n2.w": (E,),
-                       q + "w_in": (2 * F if args.family == "llama" else F, E), q + "w_out": (E, F)})
-        if args.qkv_bias:
-            shapes[q + "bqkv"] = (qkv,)
-        if args.family == "gpt2":
-            shapes.update({q + "bo": (E,), q + "b_in": (F,), q + "b_out": (E,), q + "n1.b": (E,), q + "n2.b": (E,)})
-    return shapes
+        p, q = f"transformer.h.{i}.", f"{i}."
+        layout.update({
+            q + "wqkv": _conv1d(p + "attn.c_attn.weight", E, 3 * E),
+            q + "wo": _conv1d(p + "attn.c_proj.weight", E, E),
+            q + "n1.w": _as_is(p + "ln_1.weight", E),
+            q + "n2.w": _as_is(p + "ln_2.weight", E),
+            q + "w_in": _conv1d(p + "mlp.c_fc.weight", E, F),
+            q + "w_out": _conv1d(p + "mlp.c_proj.weight", F, E),
+            q + "bqkv": _as_is(p + "attn.c_attn.bias", 3 * E),
+            q + "bo": _as_is(p + "attn.c_proj.bias", E),
+            q + "b_in": _as_is(p + "mlp.c_fc.bias", F),
+            q + "b_out": _as_is(p + "mlp.c_proj.bias", E),
+            q + "n1.b": _as_is(p + "ln_1.bias", E),
+            q + "n2.b": _as_is(p + "ln_2.bias", E)})
+    return layout
+
+
+def _layout(args: ModelArgs) -> dict[str, Source]:
+    """Our key -> its ``Source``, in sharing order (``share_model`` shares in this order, which fixes
+    the masks drawn and the bytes and rounds logged). The checkpoint layout is written only here."""
+    return _gpt2_layout(args) if args.family == "gpt2" else _llama_layout(args)
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """HF state-dict key -> shape that ``share_model`` requires (a tied LM head is not listed)."""
+    return {k: s for src in _layout(args).values() for k, s in src.hf.items()}
+
+
+def shared_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Our key -> public shape, in sharing order (what the parties without the model allocate)."""
+    return {name: src.shape for name, src in _layout(args).items()}
+
+
+def _fused(args: ModelArgs, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Model owner only: HF tensors -> our layout, keyed and ordered as ``shared_shapes``."""
+    return {name: src.build(sd) for name, src in _layout(args).items()}
 
 
 def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> None:
@@ -371,7 +383,7 @@ def share_model(state_dict: dict[str, torch.Tensor] | None, args: ModelArgs, met
         check_state_dict(state_dict, args)
         owned = {k: v.detach().float() for k, v in _fused(args, state_dict).items()}
     shares: dict[str, object] = {}
-    layout = _fused_shapes(args)
+    layout = shared_shapes(args)
     for i, (name, shape) in enumerate(layout.items()):
         value = owned[name] if rank == src else torch.zeros(shape)
         secret = crypten.cryptensor(value.to(device), src=src, device=device)
@@ -382,8 +394,6 @@ def share_model(state_dict: dict[str, torch.Tensor] | None, args: ModelArgs, met
 
 
 def _assemble(args: ModelArgs, s: dict, meter: Meter) -> SecureTransformer:
-    policy = FullCachePolicy(meter)
-
     def norm(prefix: str) -> Norm:
         if args.family == "gpt2":
             return SecureLayerNorm(s[prefix + ".w"], s[prefix + ".b"], args.norm_eps)
@@ -392,8 +402,7 @@ def _assemble(args: ModelArgs, s: dict, meter: Meter) -> SecureTransformer:
     layers = []
     for i in range(args.n_layers):
         q = f"{i}."
-        attn = SecureAttention(args, i, s[q + "wqkv"], s.get(q + "bqkv"), s[q + "wo"], s.get(q + "bo"),
-                               policy, meter)
+        attn = SecureAttention(args, i, s[q + "wqkv"], s.get(q + "bqkv"), s[q + "wo"], s.get(q + "bo"), meter)
         mlp = SecureMLP(args, s[q + "w_in"], s.get(q + "b_in"), s[q + "w_out"], s.get(q + "b_out"), meter)
         layers.append(SecureBlock(norm(q + "n1"), attn, norm(q + "n2"), mlp, meter))
     return SecureTransformer(args, s["tok"], s.get("pos"), layers, norm("norm"), s.get("output", s["tok"]), meter)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass, fields
 
-from mpcache.config import MPCacheConfig
+from mpcache.budget import check_budget
+from plaintext_ref.mpcache_config import MPCacheConfig
 
-POLICIES = ("full", "mpcache", "streamingllm", "h2o", "snapkv", "quest")  # the registry's names (light import)
+POLICIES = ("full", "mpcache", "streaming_llm", "h2o", "snapkv", "quest")  # the registry's names (light import)
 KNOBS: dict[str, tuple[str, ...]] = {  # the knobs each policy reads
     "full": (),
     "mpcache": ("static_keep", "alpha", "cluster_sizes", "level_ratios", "share", "budget"),
-    "streamingllm": ("n_sink", "n_recent"),
+    "streaming_llm": ("n_sink", "n_recent"),
     "h2o": ("budget",),
     "snapkv": ("budget",),
     "quest": ("budget", "page_size"),
@@ -34,10 +35,6 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(","))
-
-
-def _fraction_or_count(value: float) -> bool:
-    return 0 < value <= 1 or (value > 1 and value == int(value))
 
 
 @dataclass(frozen=True)
@@ -69,8 +66,7 @@ class PolicyOptions:
                 raise ValueError(f"--budget for mpcache is the fraction attended per step, in (0, 1]; got {b:g}")
             if self.kv_policy == "quest" and not (b >= 1 and b == int(b)):
                 raise ValueError(f"--budget for quest is a whole token count >= 1, got {b:g}")
-            if not _fraction_or_count(b):
-                raise ValueError(f"--budget must be a fraction in (0, 1] or a whole token count, got {b:g}")
+            check_budget(b, "--budget")
         if self.kv_policy == "mpcache":
             self.mpcache_config()  # raises ValueError on a bad knob
         for knob, low in (("n_sink", 0), ("n_recent", 1), ("page_size", 1)):
@@ -122,8 +118,8 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
                    help="mpcache: fraction attended per decode step (sets the static keep and the last "
                         "level ratio); h2o/snapkv: kept fraction or token count (defaults 0.2 / 2048); "
                         "quest: token count (default 1024)")
-    g.add_argument("--n-sink", type=int, help="streamingllm: sink tokens [default: 4]")
-    g.add_argument("--n-recent", type=int, help="streamingllm: recent tokens [default: 2000]")
+    g.add_argument("--n-sink", type=int, help="streaming_llm: sink tokens [default: 4]")
+    g.add_argument("--n-recent", type=int, help="streaming_llm: recent tokens [default: 2000]")
     g.add_argument("--page-size", type=int, help="quest: tokens per page [default: 16]")
 
 

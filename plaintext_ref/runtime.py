@@ -7,9 +7,10 @@ How it plugs in (transformers 5.24; no model class is patched):
 * ``ATTN_NAME = "mpcache_ref"`` is registered in ``AttentionInterface``; :func:`attach` switches a model to
   it (``model.set_attn_implementation``). The model forwards every extra keyword down to the attention
   function, so each forward passes ``ref_cache=cache`` (and ``ref_token_mask``): the attention function
-  finds the layer's LayerKV there, builds a :class:`StepCtx` (post-RoPE q), applies ``policy.select`` /
-  ``valid`` / ``bias`` / ``k_channel_mask``, computes attention in fp32 eager math, then calls
-  ``policy.on_prefill`` (first forward of the layer) or ``policy.on_append`` (later forwards).
+  finds the layer's LayerKV there, builds a :class:`StepCtx` (post-RoPE q, and as ``partner`` the LayerKV
+  of layer ``policy.shares_with(layer)``), applies ``policy.select`` / ``valid`` / ``bias`` /
+  ``k_channel_mask``, computes attention in fp32 eager math, then calls ``policy.on_prefill`` (first
+  forward of the layer) or ``policy.on_append`` (later forwards).
 * The name is deliberately absent from ``ALL_MASK_ATTENTION_FUNCTIONS``, so HF builds no mask: the mask is
   derived here from slot order (slots are kept in time order), ``valid`` and ``select``.
 
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 ATTN_NAME = "mpcache_ref"
 SUPPORTED_NEEDS = frozenset({"q", "attn", "logits"})
 
-__all__ = ["ATTN_NAME", "RefCache", "StepCtx", "attach", "generate", "ref_attention", "step",
+__all__ = ["ATTN_NAME", "RefCache", "StepCtx", "attach", "attached", "generate", "ref_attention", "step",
            "teacher_forced_logits"]
 
 
@@ -113,7 +114,6 @@ class RefCache(Cache):
         self.phase: list[Phase | None] = [None] * self.num_layers   # of each layer's current forward
         self.n_old: list[int] = [0] * self.num_layers                # slots before its current append
         self.policy.post_init_from_model(model)
-        self.policy.reset()
 
     def kv(self, layer_idx: int) -> LayerKV | None:
         return self.layers[layer_idx].kv
@@ -198,7 +198,10 @@ def _attend(cache: RefCache, module: nn.Module, query: Tensor, scaling: float, p
     idx, policy = module.layer_idx, cache.policy
     kv, phase, n_old = cache.kv(idx), cache.phase[idx], cache.n_old[idx]
     b, h, s, _ = query.shape
-    ctx = StepCtx(idx, cache.num_layers, phase, module, position_ids.expand(b, s), scaling, query, cache.rope)
+    src = policy.shares_with(idx, cache.num_layers)
+    assert src is None or 0 <= src < idx, f"layer {idx} shares with layer {src}, which has not run before it"
+    ctx = StepCtx(idx, cache.num_layers, phase, module, position_ids.expand(b, s), scaling, query, cache.rope,
+                  partner=None if src is None else cache.kv(src))
     select = policy.select(ctx, kv)
     k, v, bias = policy.read(ctx, kv)
     if kv.k_channel_mask is not None:
@@ -228,7 +231,7 @@ def attach(model: PreTrainedModel) -> None:
 
 
 @contextmanager
-def _attached(model: PreTrainedModel) -> Iterator[None]:
+def attached(model: PreTrainedModel) -> Iterator[None]:
     """Switch ``model`` to the reference attention for the block, then restore its implementation."""
     previous = model.config._attn_implementation
     attach(model)
@@ -290,7 +293,7 @@ def generate(model: PreTrainedModel, input_ids: Tensor, policy: KVPolicy | None 
     position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)               # (B, S), HF generate's rule
     cache = RefCache(model, policy)
     tokens, done = [input_ids], torch.zeros(b, dtype=torch.bool, device=device)
-    with _attached(model):
+    with attached(model):
         logits = step(model, cache, input_ids, position_ids, None if mask.all() else mask, logits_to_keep=1)
         next_pos = position_ids[:, -1:] + 1
         for i in range(max_new_tokens):
@@ -324,7 +327,7 @@ def teacher_forced_logits(model: PreTrainedModel, input_ids: Tensor, prefix_len:
     _check_context(model, s, s)
     positions = torch.arange(s, device=device)[None].expand(b, s)
     cache = RefCache(model, policy)
-    with _attached(model):
+    with attached(model):
         rows = [step(model, cache, input_ids[:, :prefix_len], positions[:, :prefix_len], logits_to_keep=1)]
         for j in range(prefix_len, s - 1):
             rows.append(step(model, cache, input_ids[:, j:j + 1], positions[:, j:j + 1], logits_to_keep=1))

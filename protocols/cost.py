@@ -26,7 +26,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Collection, Iterator
+from typing import Collection, Iterator, Union
 
 from protocols.compat import comm, crypten
 
@@ -35,6 +35,13 @@ logger = logging.getLogger(__name__)
 TOTAL = "total"   # stage name of a whole phase block
 OTHER = "other"   # phase total minus its top-level stages (report only)
 _FIELDS = ("bytes", "rounds", "comm_s", "wall_s", "calls")
+
+
+class NullMeter:
+    """A meter that records nothing (models and policies used outside a ``CostMeter``)."""
+
+    def stage(self, name: str) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
 
 def _counters() -> tuple[float, int, float]:
@@ -102,6 +109,12 @@ class CostMeter:
         finally:
             self._stack.pop()
 
+    def clear(self) -> None:
+        """Forget every record and token count (start a new account; no phase may be open)."""
+        assert self._phase is None and not self._stack, "clear() inside an open phase or stage"
+        self._records.clear()
+        self._tokens.clear()
+
     def local(self) -> dict:
         """This party's numbers as plain builtins (picklable through CrypTen's restricted unpickler)."""
         return {"records": {f"{p}|{s}": list(v) for (p, s), v in self._records.items()},
@@ -116,6 +129,9 @@ class CostMeter:
                    for r in range(c.get_world_size())]
         c.comm_bytes, c.comm_rounds, c.comm_time = saved
         return CostReport(parties, provider=type(crypten.mpc.get_default_provider()).NAME)
+
+
+Meter = Union[CostMeter, NullMeter]  # what models and policies record their stages on
 
 
 @dataclass

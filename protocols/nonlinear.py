@@ -23,10 +23,10 @@ on 256 tokens):
 Cost notation: ``cmp`` = one secure comparison, 8 rounds, 432 logged bytes per element per party
 (measured); ``mul`` = one Beaver product, 1 round, 32 bytes per element (sizes in elements).
 
-Config (module constants; should move to ``protocols.config.ProtocolConfig``): ``EXP_CLAMP_MIN``,
-``EXP_HALVINGS``, ``RECIP_NR_ITERS``, ``SIGMOID_CLAMP``, ``SIGMOID_NR_ITERS``, ``INV_SQRT_RANGE_LOG2``,
-``INV_SQRT_NR_ITERS``, ``NORM_FINE_LOG2``, ``NORM_COARSE_LOG2``, ``NORM_SWITCH``, ``NORM_MS_GAIN_LOG2``,
-``COEF_FRAC_BITS``, ``MASK_FILL``.
+Config: every constant of these approximations is a field of ``protocols.config.ProtocolConfig``
+(documented there; each function's ``Config:`` line names the ones it reads). A function takes it
+as ``cfg=``; ``None`` means ``active_config()``, the config of the enclosing ``protocol_context``
+(the defaults outside one). The bounds below are for the defaults.
 """
 from __future__ import annotations
 
@@ -35,23 +35,9 @@ import math
 import torch
 
 from protocols.compat import MPCTensor, crypten
+from protocols.config import ProtocolConfig, active_config
 from protocols.selection import mul_public_int, tree_max
 from protocols.types import Public, Secret
-
-EXP_CLAMP_MIN = -32.0        # exp inputs below this are clamped (e^-32 ≈ 1e-14 is 0 in fixed point)
-EXP_HALVINGS = 5             # e^x = (e^(x/2^5))^(2^5); Taylor base needs x/2^5 ∈ [-1, 0.25]
-EXP_TAYLOR_DEGREE = 8
-RECIP_NR_ITERS = 4           # softmax 1/Σ: initial rel. error ≤ 0.414 → 0.414^16 ≈ 7e-7
-SIGMOID_CLAMP = 32.0         # σ(±32) = 1 − 1.3e-14 / 1.3e-14
-SIGMOID_NR_ITERS = 2         # 1/(1+e^-|x|) on [1, 2]: rel. error 1/17 → 1.2e-5
-INV_SQRT_RANGE_LOG2 = (-12, 12)
-INV_SQRT_NR_ITERS = 3        # initial rel. error ≤ 0.19 → 3e-5
-NORM_FINE_LOG2 = 2           # fine path squares 4·x (precision for tiny activations)
-NORM_COARSE_LOG2 = 6         # coarse path squares x/64 (safe for |x| ≤ 2^15)
-NORM_SWITCH = 16.0           # use the coarse path when mean(x²) > this
-NORM_MS_GAIN_LOG2 = 1        # mean squares are kept 4^1× larger than u² (precision), u·y then ×2^1
-COEF_FRAC_BITS = 20          # public coefficients/weights are rounded to 2^-20 (CrypTen: truncated to 2^-16)
-MASK_FILL = 1024.0           # masked logits become −MASK_FILL before the row max (real logits must be > −1024)
 
 
 def _weighted_bits(bits: Secret, coefs: list[float], scale: int) -> Secret:
@@ -60,7 +46,7 @@ def _weighted_bits(bits: Secret, coefs: list[float], scale: int) -> Secret:
     return MPCTensor.from_shares((bits.share * weights).sum(-1))
 
 
-def _dot_public(terms: list[Secret], coefs: list[float], frac_bits: int = COEF_FRAC_BITS) -> Secret:
+def _dot_public(terms: list[Secret], coefs: list[float], frac_bits: int) -> Secret:
     """``Σ_k [t_k]·c_k`` with each c_k rounded to ``2^−frac_bits`` and one truncation in all.
 
     CrypTen's ``mul`` by a public float encodes it by truncation toward zero at 2^−16 (1/8! becomes
@@ -71,7 +57,7 @@ def _dot_public(terms: list[Secret], coefs: list[float], frac_bits: int = COEF_F
     return MPCTensor.from_shares(acc).div(2**frac_bits)
 
 
-def _mul_public(x: Secret, w: Public, frac_bits: int = COEF_FRAC_BITS) -> Secret:
+def _mul_public(x: Secret, w: Public, frac_bits: int) -> Secret:
     """``[x]·w`` for a public float tensor w (broadcast), w rounded to ``2^−frac_bits``, one truncation."""
     w_int = torch.round(torch.as_tensor(w, dtype=torch.float64, device=x.share.device) * 2**frac_bits).long()
     return MPCTensor.from_shares(x.share * w_int).div(2**frac_bits)
@@ -97,10 +83,10 @@ def _octave_guess(x: Secret, lo: int, hi: int, value_at) -> Secret:
     return _octave_value(bits, lo, hi, value_at, x.encoder.scale)
 
 
-def exp(x: Secret, clamp: bool = True) -> Secret:
+def exp(x: Secret, clamp: bool = True, *, cfg: ProtocolConfig | None = None) -> Secret:
     """``[e^x]``.
 
-    Steps: 1. (clamp) ``[x] ← m + ReLU([x] − m)``, m = EXP_CLAMP_MIN (1 cmp + 1 mul).
+    Steps: 1. (clamp) ``[x] ← m + ReLU([x] − m)``, m = ``cfg.exp_clamp_min`` (1 cmp + 1 mul).
     2. ``[y] = [x]/32`` (local). 3. ``[p] = Σ_{k≤8} [y]^k/k!`` (powers in 3 rounds; coefficients
     rounded to 2^−20 and summed before one truncation, ``_dot_public``). 4. square 5 times.
     Public: shape. Cost: 8 rounds and 12·n mul (+ 9 rounds, n cmp + n mul with clamp).
@@ -110,20 +96,23 @@ def exp(x: Secret, clamp: bool = True) -> Secret:
     worst relative 1.5e-3 (e^x ≥ 0.02), worst absolute 3.1e-5 (below), worst |err|/(e^x + 0.02)
     1.2e-3. Without ``clamp`` the domain is [−32, 8]; beyond it the Taylor base diverges. With
     ``clamp`` any x ≤ 8 is safe (inputs < −32 give ≈ 0).
-    Config: EXP_CLAMP_MIN, EXP_HALVINGS, EXP_TAYLOR_DEGREE.
+    Config: exp_clamp_min, exp_halvings, exp_taylor_degree, coef_frac_bits.
     """
+    cfg = cfg or active_config()
     if clamp:
-        u = x - EXP_CLAMP_MIN
-        x = u * u.ge(0) + EXP_CLAMP_MIN
-    y = x.div(2**EXP_HALVINGS)
+        u = x - cfg.exp_clamp_min
+        x = u * u.ge(0) + cfg.exp_clamp_min
+    y = x.div(2**cfg.exp_halvings)
+    degree = cfg.exp_taylor_degree
     powers = [y, y.square()]
-    while len(powers) < EXP_TAYLOR_DEGREE:  # double the known powers each round
+    while len(powers) < degree:  # double the known powers each round
         top, have = powers[-1], len(powers)
-        need = min(have, EXP_TAYLOR_DEGREE - have)
+        need = min(have, degree - have)
         prods = crypten.stack([top] * need) * crypten.stack(powers[:need])
         powers += [prods[i] for i in range(need)]
-    result = _dot_public(powers, [1.0 / math.factorial(k) for k in range(1, EXP_TAYLOR_DEGREE + 1)]) + 1
-    for _ in range(EXP_HALVINGS):
+    coefs = [1.0 / math.factorial(k) for k in range(1, degree + 1)]
+    result = _dot_public(powers, coefs, cfg.coef_frac_bits) + 1
+    for _ in range(cfg.exp_halvings):
         result = result.square()
     return result
 
@@ -133,7 +122,7 @@ def recip_scale(n: int) -> int:
     return 2 ** math.ceil(math.log2(max(n, 1)) / 2)
 
 
-def _reciprocal_scaled(s: Secret, n: int, c: int, iters: int = RECIP_NR_ITERS) -> Secret:
+def _reciprocal_scaled(s: Secret, n: int, c: int, iters: int) -> Secret:
     """``[z] ≈ c / [s]`` for s ∈ [1, n], c = ``recip_scale(n)``.
 
     Octave guess z0 = c·2^−(j+½) on [2^j, 2^(j+1)), then z ← z·(2 − s·z/c).
@@ -152,10 +141,11 @@ def _reciprocal_scaled(s: Secret, n: int, c: int, iters: int = RECIP_NR_ITERS) -
     return z
 
 
-def softmax(x: Secret, dim: int = -1, mask: Public | None = None) -> Secret:
+def softmax(x: Secret, dim: int = -1, mask: Public | None = None, *,
+            cfg: ProtocolConfig | None = None) -> Secret:
     """``[softmax(x)]`` along ``dim``, optionally restricted to a public 0/1 keep-mask.
 
-    Steps: 1. masked logits ``[x'] = m·[x] − (1−m)·MASK_FILL`` (local, exact). 2. ``[μ]`` = row max
+    Steps: 1. masked logits ``[x'] = m·[x] − (1−m)·cfg.mask_fill`` (local, exact). 2. ``[μ]`` = row max
     (knockout tree). 3. ``[e] = m · exp([x'] − [μ])`` (clamped at −32, so the exp never leaves its
     domain whatever the mask or the logit spread). 4. ``[s] = Σ[e]`` ∈ [1, n]. 5. ``[z] ≈ c/[s]``,
     c = ``recip_scale(n)`` ≈ √n (the "(sum/N)" fix, precise for flat *and* peaked rows, with NR
@@ -166,64 +156,66 @@ def softmax(x: Secret, dim: int = -1, mask: Public | None = None) -> Secret:
     bytes ≈ 1.25 kB·n·R per party (measured: 2 rows of 2048 → 5.1 MB).
     Error: max abs 2e-3 on rows of length 1–8192, flat or peaked, logits in [−1000, 1000]
     (dominated by exp's relative error on the largest entries).
-    Config: EXP_* , RECIP_NR_ITERS, MASK_FILL.
+    Config: mask_fill, recip_nr_iters, and exp's (exp_*, coef_frac_bits).
     """
+    cfg = cfg or active_config()
     if mask is not None:
         mask = torch.as_tensor(mask, device=x.device).long()
         if not bool((mask.expand(x.size()).sum(dim) > 0).all()):
             raise ValueError("softmax mask leaves a row with no kept entry")
-        x = mul_public_int(x, mask) + (mask.float() - 1) * MASK_FILL
+        x = mul_public_int(x, mask) + (mask.float() - 1) * cfg.mask_fill
     n = x.size(dim)
-    e = exp(x - tree_max(x, dim, keepdim=True))
+    e = exp(x - tree_max(x, dim, keepdim=True), cfg=cfg)
     if mask is not None:
         e = mul_public_int(e, mask)
     c = recip_scale(n)
-    z = _reciprocal_scaled(e.sum(dim, keepdim=True), n, c)
+    z = _reciprocal_scaled(e.sum(dim, keepdim=True), n, c, cfg.recip_nr_iters)
     return (e * z).div(c)
 
 
-def sigmoid(x: Secret) -> Secret:
+def sigmoid(x: Secret, *, cfg: ProtocolConfig | None = None) -> Secret:
     """``[σ(x)] = 1/(1 + e^−x)``.
 
     Steps: 1. bits ``[x<0], [x<−B], [x>B]`` (1 batched cmp on 3n). 2. ``[a] = min(|x|, B)`` (1 mul
     round). 3. ``[d] = 1 + exp(−[a])`` ∈ [1, 2]. 4. ``[r] ≈ 1/[d]`` by NR from r0 = 24/17 − 8d/17.
     5. ``σ = [r] + [x<0]·(1 − 2[r])``.
-    Public: shape. Cost: 8 + 1 + 8 + 2·SIGMOID_NR_ITERS + 1 = 22 rounds; 3n cmp + ≈ 19n mul.
-    Error: max abs 4e-4 on all reals (B = SIGMOID_CLAMP = 32: σ is constant to 1e-14 beyond);
+    Public: shape. Cost: 8 + 1 + 8 + 2·sigmoid_nr_iters + 1 = 22 rounds; 3n cmp + ≈ 19n mul.
+    Error: max abs 4e-4 on all reals (B = ``cfg.sigmoid_clamp`` = 32: σ is constant to 1e-14 beyond);
     dominated by exp's relative error at |x| ≈ 1. Measured: worst 2.9e-4 over 40 runs × 2000
     inputs (N(0, 20²) and N(0, 3²)).
-    Config: SIGMOID_CLAMP, SIGMOID_NR_ITERS, EXP_*.
+    Config: sigmoid_clamp, sigmoid_nr_iters, and exp's (exp_halvings, exp_taylor_degree, coef_frac_bits).
     """
-    bound = SIGMOID_CLAMP
+    cfg = cfg or active_config()
+    bound = cfg.sigmoid_clamp
     bits = crypten.stack([x, x + bound, bound - x]).lt(0)  # (3, ...): neg, below −B, above B
     prods = bits * crypten.stack([x, -x - bound, x - bound])
     a = x - prods[0] - prods[0] - prods[1] - prods[2]
-    d = 1 + exp(-a, clamp=False)
+    d = 1 + exp(-a, clamp=False, cfg=cfg)
     r = (24.0 / 17) - d.mul(8.0 / 17)
-    for _ in range(SIGMOID_NR_ITERS):
+    for _ in range(cfg.sigmoid_nr_iters):
         r = r * (2 - d * r)
     return r + bits[0] * (1 - 2 * r)
 
 
-def silu(x: Secret) -> Secret:
+def silu(x: Secret, *, cfg: ProtocolConfig | None = None) -> Secret:
     """``[x·σ(x)]``. Cost: sigmoid + 1 mul round (23 rounds). Error: max abs 2e-4·(1 + |x|) on all
-    reals (measured SmolLM2 inputs: [−31, 50])."""
-    return x * sigmoid(x)
+    reals (measured SmolLM2 inputs: [−31, 50]). Config: sigmoid's."""
+    return x * sigmoid(x, cfg=cfg)
 
 
-def gelu_tanh(x: Secret) -> Secret:
+def gelu_tanh(x: Secret, *, cfg: ProtocolConfig | None = None) -> Secret:
     """GPT-2's gelu_new, exactly ``x·σ(2√(2/π)(x + 0.044715x³))`` (= ½x(1 + tanh(…))).
 
     Cost: 2 mul rounds (x², x³) + sigmoid + 1 mul = 25 rounds. Error: max abs 2e-4·(1 + |x|) for
-    |x| ≤ 40 (x³ must stay far below the fixed-point wrap).
+    |x| ≤ 40 (x³ must stay far below the fixed-point wrap). Config: sigmoid's.
     """
     inner = (x + x.square() * x * 0.044715) * (2 * math.sqrt(2 / math.pi))
-    return x * sigmoid(inner)
+    return x * sigmoid(inner, cfg=cfg)
 
 
-def inv_sqrt(x: Secret, lo_log2: int = INV_SQRT_RANGE_LOG2[0], hi_log2: int = INV_SQRT_RANGE_LOG2[1],
-             iters: int = INV_SQRT_NR_ITERS) -> Secret:
-    """``[1/√x]`` for x ∈ [2^lo_log2, 2^hi_log2].
+def inv_sqrt(x: Secret, lo_log2: int | None = None, hi_log2: int | None = None, iters: int | None = None, *,
+             cfg: ProtocolConfig | None = None) -> Secret:
+    """``[1/√x]`` for x ∈ [2^lo_log2, 2^hi_log2] (each argument left None is the config's).
 
     Steps: 1. octave guess y0 = 2^−(j+½)/2 on [2^j, 2^(j+1)) (1 batched cmp on hi−lo−1 thresholds).
     2. NR ``y ← [y]·(1.5 − 0.5·([x][y])[y])`` (3 rounds each: [y]² alone would lose precision).
@@ -231,46 +223,53 @@ def inv_sqrt(x: Secret, lo_log2: int = INV_SQRT_RANGE_LOG2[0], hi_log2: int = IN
     Error on [2^−8, 2^12]: |Δy| ≤ y·(3e-5 + 2^−17/x + 2^−17/√x) + 3·2^−16 (NR 3e-5 relative;
     encoding x and truncating x·y ≈ √x to 2^−16 move y by the next two terms; the last products
     round y by ≤ 3 ulps), i.e. relative ≤ 2.1e-3 at the low end and ≤ 3e-3 at the top (y = 2^−6); ≤ 5e-2 on [2^−12, 2^−8] (x has only 16–256 ulps there). Outside [2^lo, 2^hi] the guess is an end octave's and NR may diverge.
-    Config: INV_SQRT_RANGE_LOG2, INV_SQRT_NR_ITERS.
+    Config: inv_sqrt_range_log2 (lo_log2, hi_log2), inv_sqrt_nr_iters (iters).
     """
-    return _inv_sqrt_nr(x, _octave_guess(x, lo_log2, hi_log2, _inv_sqrt_at), iters)
+    cfg = cfg or active_config()
+    lo, hi = cfg.inv_sqrt_range_log2
+    lo = lo if lo_log2 is None else lo_log2
+    hi = hi if hi_log2 is None else hi_log2
+    iters = cfg.inv_sqrt_nr_iters if iters is None else iters
+    return _inv_sqrt_nr(x, _octave_guess(x, lo, hi, _inv_sqrt_at), iters)
 
 
 def _inv_sqrt_at(j: int) -> float:
     return 2.0 ** (-(j + 0.5) / 2)
 
 
-def _inv_sqrt_nr(x: Secret, y: Secret, iters: int = INV_SQRT_NR_ITERS) -> Secret:
+def _inv_sqrt_nr(x: Secret, y: Secret, iters: int) -> Secret:
     """NR ``y ← y·(1.5 − 0.5·(x·y)·y)``; products ordered so none falls to a few ulps (3 rounds)."""
     for _ in range(iters):
         y = y * (1.5 - ((x * y) * y).mul(0.5))
     return y
 
 
-def _normalise(x: Secret, eps: float) -> Secret:
+def _normalise(x: Secret, eps: float, cfg: ProtocolConfig) -> Secret:
     """``[x / √(mean(x²) + eps)]`` over the last dim (E), for |x| ≤ 2^15 and mean(x²) ∈ [1e-4, 2^24].
 
-    Two scalings: fine ``[u] = 4[x]`` (precise for tiny activations) and coarse ``[u] = [x]/64``
-    (its squares stay far from the 2-party truncation wrap even for SmolLM2's 2.4e4 outliers).
+    Two scalings: fine ``[u] = 2^f·[x]`` (f = norm_fine_log2 = 2: precise for tiny activations) and
+    coarse ``[u] = [x]/2^c`` (c = norm_coarse_log2 = 6: its squares stay far from the 2-party
+    truncation wrap even for SmolLM2's 2.4e4 outliers).
     1. both ``[m] = G·mean(u²)`` in one product round, as ``Σ u_int·u`` (one operand viewed at scale 1,
-    so no per-element truncation) divided once by E·2^16/G, G = 4^NORM_MS_GAIN_LOG2: the mean square
-    keeps ≥ 1000 ulps where it is selected (per-element truncation lost up to 1 ulp each on 419 ulps
-    for the tiny models). 2. one batched cmp: the switch bit ``[mean(x²) > NORM_SWITCH]`` and both
-    octave guesses; 3. one product round selects (u, m, y0) with exact scale-1 bits (the unselected
-    fine path may have wrapped: the product by the bit is exact in Z_2^64, so it cancels);
-    4. inv_sqrt NR; 5. ``2^NORM_MS_GAIN_LOG2·[u]·[y]``.
+    so no per-element truncation) divided once by E·2^16/G, G = 4^g, g = norm_ms_gain_log2: the mean
+    square keeps ≥ 1000 ulps where it is selected (per-element truncation lost up to 1 ulp each on
+    419 ulps for the tiny models). 2. one batched cmp: the switch bit ``[mean(x²) > norm_switch]``
+    and both octave guesses (on ``norm_fine_octaves``, ``norm_coarse_octaves``); 3. one product round
+    selects (u, m, y0) with exact scale-1 bits (the unselected fine path may have wrapped: the product
+    by the bit is exact in Z_2^64, so it cancels); 4. inv_sqrt NR (inv_sqrt_nr_iters); 5. ``2^g·[u]·[y]``.
     """
-    fine = mul_public_int(x, 2**NORM_FINE_LOG2)
-    coarse = x.div(2**NORM_COARSE_LOG2)
+    g, f, c = cfg.norm_ms_gain_log2, cfg.norm_fine_log2, cfg.norm_coarse_log2
+    fine = mul_public_int(x, 2**f)
+    coarse = x.div(2**c)
     both = crypten.stack([fine, coarse])  # (2, ..., E)
     raw = MPCTensor.from_shares(both.share, precision=0) * both  # u²·2^16 per element, exact
-    sq = raw.sum(-1, keepdim=True).div(x.size(-1) * (x.encoder.scale // 4**NORM_MS_GAIN_LOG2))  # (2, ..., 1)
-    gain = 4.0**NORM_MS_GAIN_LOG2
-    ms_f = sq[0] + eps * gain * 4.0**NORM_FINE_LOG2
-    ms_c = sq[1] + eps * gain * 4.0**-NORM_COARSE_LOG2
-    f_lo, f_hi = _FINE_OCTAVES
-    c_lo, c_hi = _COARSE_OCTAVES
-    switch = NORM_SWITCH * gain * 4.0**-NORM_COARSE_LOG2
+    sq = raw.sum(-1, keepdim=True).div(x.size(-1) * (x.encoder.scale // 4**g))  # (2, ..., 1)
+    gain = 4.0**g
+    ms_f = sq[0] + eps * gain * 4.0**f
+    ms_c = sq[1] + eps * gain * 4.0**-c
+    f_lo, f_hi = cfg.norm_fine_octaves
+    c_lo, c_hi = cfg.norm_coarse_octaves
+    switch = cfg.norm_switch * gain * 4.0**-c
     diffs = crypten.cat([ms_f - _octave_thresholds(f_lo, f_hi, x.device), ms_c - _octave_thresholds(c_lo, c_hi, x.device),
                          ms_c - switch], dim=-1)
     bits = diffs.ge(0)  # (..., J_f + J_c + 1)
@@ -282,16 +281,10 @@ def _normalise(x: Secret, eps: float) -> Secret:
     both_f = crypten.cat([fine, ms_f, y_f], dim=-1)
     picked = both_f + use_coarse * (crypten.cat([coarse, ms_c, y_c], dim=-1) - both_f)
     u, ms, y0 = picked[..., :-2], picked[..., -2:-1], picked[..., -1:]
-    return mul_public_int(u, 2**NORM_MS_GAIN_LOG2) * _inv_sqrt_nr(ms, y0)
+    return mul_public_int(u, 2**g) * _inv_sqrt_nr(ms, y0, cfg.inv_sqrt_nr_iters)
 
 
-# Octave ranges (log2) of the two gained mean squares (G = 4): fine 64·ms for ms ∈ [1e-4, 16];
-# coarse ms/1024 for ms ∈ [16, 2^24].
-_FINE_OCTAVES = (-8, 11)
-_COARSE_OCTAVES = (-7, 15)
-
-
-def rms_norm(x: Secret, weight: Secret | Public, eps: float) -> Secret:
+def rms_norm(x: Secret, weight: Secret | Public, eps: float, *, cfg: ProtocolConfig | None = None) -> Secret:
     """``[x / √(mean(x²) + eps) · w]`` over the last dim (E), Llama's RMSNorm.
 
     Public: shapes, eps (and w when public). Cost: 1 (squares) + 8 (cmp) + 1 (select) + 9 (NR) + 1
@@ -303,21 +296,25 @@ def rms_norm(x: Secret, weight: Secret | Public, eps: float) -> Secret:
     w is exact only to its owner's encoding (CrypTen: truncation to 2^−16), so the bound is
     relative to that encoded w. Measured (40 runs, the test's rows): worst 1.3e-3 (tiny), 4.1e-4
     (SmolLM2-like, public or secret w), 1.1e-3 / 4.8e-4 (layer_norm tiny / SmolLM2-like).
-    Config: NORM_FINE_LOG2, NORM_COARSE_LOG2, NORM_SWITCH, NORM_MS_GAIN_LOG2, INV_SQRT_NR_ITERS, COEF_FRAC_BITS.
+    Config: norm_fine_log2, norm_coarse_log2, norm_switch, norm_ms_gain_log2, norm_fine_octaves,
+    norm_coarse_octaves, inv_sqrt_nr_iters, coef_frac_bits.
     """
-    return _weight(_normalise(x, eps), weight)
+    cfg = cfg or active_config()
+    return _weight(_normalise(x, eps, cfg), weight, cfg.coef_frac_bits)
 
 
-def layer_norm(x: Secret, weight: Secret | Public, bias: Secret | Public, eps: float) -> Secret:
+def layer_norm(x: Secret, weight: Secret | Public, bias: Secret | Public, eps: float, *,
+               cfg: ProtocolConfig | None = None) -> Secret:
     """``[(x − μ)/√(var + eps) · w + b]`` over the last dim (E), GPT-2's LayerNorm.
 
     Steps: ``[c] = [x] − mean([x])`` (local), then ``rms_norm``'s normalisation of ``[c]``.
-    Cost and error: as ``rms_norm`` with var in place of mean(x²).
+    Cost, error and config: as ``rms_norm`` with var in place of mean(x²).
     """
+    cfg = cfg or active_config()
     centred = x - x.mean(-1, keepdim=True)
-    return _weight(_normalise(centred, eps), weight) + bias
+    return _weight(_normalise(centred, eps, cfg), weight, cfg.coef_frac_bits) + bias
 
 
-def _weight(x: Secret, weight: Secret | Public) -> Secret:
-    """``[x]·w``: a public w rounded to 2^−20 (``_mul_public``), a secret one by a Beaver product."""
-    return x * weight if isinstance(weight, MPCTensor) else _mul_public(x, weight)
+def _weight(x: Secret, weight: Secret | Public, frac_bits: int) -> Secret:
+    """``[x]·w``: a public w rounded to 2^−frac_bits (``_mul_public``), a secret one by a Beaver product."""
+    return x * weight if isinstance(weight, MPCTensor) else _mul_public(x, weight, frac_bits)

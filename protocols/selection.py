@@ -1,4 +1,4 @@
-"""Oblivious selection on secret shares: max / argmax one-hot, top-k, one-hot gather, compaction.
+"""Oblivious selection on secret shares: max / argmax one-hot, top-k, one-hot gather (compaction).
 
 Masks and top-k one-hots are secret 0/1 tensors in CrypTen's comparison encoding (scale 1, exact
 integers: multiplying a secret by them needs no truncation, so a one-hot gather is exact up to the
@@ -257,25 +257,18 @@ def topk_onehot(x: Secret, k: int, dim: int = -1, *, sort_by_index: bool = True)
 def onehot_gather(onehot: Secret, values: Secret | FixedMaskOperand) -> Secret:
     """``[E] @ [V]``: (..., k, n) @ (..., n, d) -> (..., k, d), the rows of V that E selects.
 
+    With E from ``topk_onehot(..., sort_by_index=True)`` this is the order-preserving compaction of
+    static eviction, ``[V[S]]`` for the kept set S in position order (clusters rely on adjacency).
     ``values`` may be a secret or a ``FixedMaskOperand`` (cached K/V with a persistent mask: only
     ``[E] − [A]`` is opened). Public: shapes. Cost: 1 round; 16·(|E| + |V|) bytes (Beaver) or
     16·|E| (fixed mask). Error: exact for scale-1 one-hots (no truncation).
     """
+    length = values.shape[-2] if isinstance(values, FixedMaskOperand) else values.size(-2)
+    if onehot.size(-1) != length:
+        raise ValueError(f"one-hot width {onehot.size(-1)} does not match the values' length {length}")
     if isinstance(values, FixedMaskOperand):
         return fixed_matmul(onehot, values)
     return onehot.matmul(values)
-
-
-def compact(keep_onehot: Secret, values: Secret | FixedMaskOperand) -> Secret:
-    """Order-preserving compaction (static eviction): ``[V[S]]`` (..., K, d) for the kept set S.
-
-    ``keep_onehot`` (..., K, T) must come from ``topk_onehot(..., sort_by_index=True)`` so the kept
-    rows stay in position order (clusters rely on adjacency). Cost: as ``onehot_gather``.
-    """
-    length = values.shape[-2] if isinstance(values, FixedMaskOperand) else values.size(-2)
-    if keep_onehot.size(-1) != length:
-        raise ValueError(f"one-hot width {keep_onehot.size(-1)} does not match the values' length")
-    return onehot_gather(keep_onehot, values)
 
 
 def _check_k(k: int, n: int) -> None:

@@ -4,8 +4,8 @@ Clusters are ``s`` consecutive cached tokens; each is summarised by its per-chan
 The score of cluster c for query q is the linearised Quest bound
 ``Σ_i α q_i r^max_{c,i} + (1−α) q_i r^min_{c,i} = q · k̃_c`` with ``k̃_c = α r^max_c + (1−α) r^min_c``,
 so scoring costs one secret dot product per cluster and no max.
-Twin: ``plaintext_ref.mpcache_math`` (same padding rule: the last, partial cluster summarises its
-real tokens only — deviation 6 of ``mpcache.config``; the authors pad it with earlier tokens).
+Twin: ``plaintext_ref.policies.mpcache`` (same padding rule: the last, partial cluster summarises its
+real tokens only — deviation 6 of ``plaintext_ref.mpcache_config``; the authors pad it with earlier tokens).
 """
 from __future__ import annotations
 

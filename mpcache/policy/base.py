@@ -1,10 +1,11 @@
 """MPC KV policies: the base class, shared attention / static-eviction steps and the registry.
 
-A policy replaces the attention step of ``SecureAttention``: ``attend(layer, q, cache, mask)`` with
-q (B, Hkv, G·S, D) already scaled by 1/√D (query head h = kv·G + g, row g·S + s) and the layer's
-``SecretKVCache`` already holding this step's keys and values. One policy instance serves every layer
-of a model (per-layer state lives in the policy, keyed by layer). S > 1 is the prefill (the cache
-holds exactly the prompt), S = 1 a decode step.
+A policy replaces the attention step of ``SecureAttention``: ``attend(layer, q, cache, mask, partner)``
+with q (B, Hkv, G·S, D) already scaled by 1/√D (query head h = kv·G + g, row g·S + s), the layer's
+``SecretKVCache`` already holding this step's keys and values, and ``partner``: the cache of layer
+``shares_with(layer)`` (cross-layer sharing), else None. A policy holds only its public knobs; what it
+keeps about a sequence lives in ``cache.aux``, so one policy object may serve any number of sequences.
+S > 1 is the prefill (the cache holds exactly the prompt), S = 1 a decode step.
 
 Public everywhere: shapes, T0, T', every budget (``describe()``). Secret: every score, mask and
 one-hot. Nothing is ever revealed here.
@@ -14,25 +15,14 @@ T0 prompt tokens · T cache tokens · D head dim · K kept count.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Union
+from typing import Callable
 
 from mpcache.cache import SecretKVCache
-from protocols.cost import CostMeter
+from protocols.cost import Meter, NullMeter
 from protocols.fixed_mask import FixedMaskOperand, fixed_matmul
 from protocols.nonlinear import softmax
-from protocols.selection import compact, topk_onehot
+from protocols.selection import onehot_gather, topk_onehot
 from protocols.types import Public, Secret
-
-class NullMeter:
-    """A meter that records nothing (policies used outside a ``CostMeter``)."""
-
-    def stage(self, name: str) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-
-Meter = Union[CostMeter, NullMeter]
-
 
 class MPCPolicy:
     """Base class: full attention at every step. Subclasses override ``prefill`` and/or ``decode``."""
@@ -41,27 +31,23 @@ class MPCPolicy:
 
     def __init__(self, meter: Meter | None = None) -> None:
         self.meter = meter or NullMeter()
-        self.reset()
 
-    def reset(self) -> None:
-        """Forget per-sequence state (a new prompt). Called automatically at every prefill."""
-
-    def attend(self, layer: int, q: Secret, cache: SecretKVCache, mask: Public | None) -> Secret:
+    def attend(self, layer: int, q: Secret, cache: SecretKVCache, mask: Public | None,
+               partner: SecretKVCache | None = None) -> Secret:
         """q (B, Hkv, G·S, D), mask (G·S, T) 0/1 or None -> attention output (B, Hkv, G·S, D)."""
         if mask is not None:  # prefill: the cache holds exactly the S prompt tokens
             assert cache.length == mask.shape[-1], (
                 f"layer {layer}: prefill over a non-empty cache ({cache.length} slots, mask {tuple(mask.shape)})")
-            return self.prefill(layer, q, cache, mask)
-        return self.decode(layer, q, cache)
+            return self.prefill(layer, q, cache, mask, partner)
+        return self.decode(layer, q, cache, partner)
 
-    def prefill(self, layer: int, q: Secret, cache: SecretKVCache, mask: Public) -> Secret:
+    def prefill(self, layer: int, q: Secret, cache: SecretKVCache, mask: Public,
+                partner: SecretKVCache | None) -> Secret:
         """Full causal attention over the prompt, then ``after_prefill`` on the window rows of [P]."""
-        if layer == 0:
-            self.reset()
         t0 = cache.length
         out, probs = full_attention(q, cache, mask, self.meter)
         w = self.window(t0)
-        self.after_prefill(layer, cache, window_probs(probs, t0, w) if w else None)
+        self.after_prefill(layer, cache, window_probs(probs, t0, w) if w else None, partner)
         return out
 
     def window(self, prompt_len: int) -> int:
@@ -72,11 +58,12 @@ class MPCPolicy:
         """The earlier layer whose indices ``layer`` reuses (cross-layer sharing), or None."""
         return None
 
-    def after_prefill(self, layer: int, cache: SecretKVCache, p_win: Secret | None) -> None:
+    def after_prefill(self, layer: int, cache: SecretKVCache, p_win: Secret | None,
+                      partner: SecretKVCache | None) -> None:
         """Act on the prompt cache once (e.g. static eviction); p_win (B, Hkv, G, W, T0), or None when
         W = 0 and, in the simulation prefill, on a layer that ``shares_with`` another."""
 
-    def decode(self, layer: int, q: Secret, cache: SecretKVCache) -> Secret:
+    def decode(self, layer: int, q: Secret, cache: SecretKVCache, partner: SecretKVCache | None) -> Secret:
         out, _ = full_attention(q, cache, None, self.meter)
         return out
 
@@ -111,15 +98,13 @@ class StaticEviction(MPCPolicy):
         """How many window sums ``score`` adds into one token's score (1 without pooling)."""
         return 1
 
-    def reset(self) -> None:
-        self._static: dict[int, Secret | None] = {}
-
-    def after_prefill(self, layer: int, cache: SecretKVCache, p_win: Secret | None) -> None:
+    def after_prefill(self, layer: int, cache: SecretKVCache, p_win: Secret | None,
+                      partner: SecretKVCache | None) -> None:
+        """[E] into ``cache.aux["static"]`` ((B, K, T0), or None: keep all), then compaction."""
         t0 = cache.length
-        src = self.shares_with(layer)
         with self.meter.stage("kv_static"):
-            if src is not None and src in self._static:
-                onehot = self._static[src]
+            if partner is not None and "static" in partner.aux:
+                onehot = partner.aux["static"]
             else:
                 assert p_win is not None, f"layer {layer}: static eviction needs the window probabilities"
                 scores = self.score(p_win)  # (B, T0): sums of ≤ pool_width·H·W probabilities
@@ -128,7 +113,7 @@ class StaticEviction(MPCPolicy):
                     b, hkv, g, w, _ = p_win.shape
                     scores = protect(scores, keep, float(4 * hkv * g * w * self.pool_width()))
                 onehot = static_onehot(scores, self.n_keep(t0))
-            self._static[layer] = onehot  # (B, K, T0) or None (keep all)
+            cache.aux["static"] = onehot
             compact_cache(cache, onehot)
 
     def describe(self, prompt_len: int, n_new: int = 1) -> dict:
@@ -193,8 +178,8 @@ def compact_cache(cache: SecretKVCache, onehot: Secret | None) -> None:
     if onehot is None:
         return
     e = onehot.unsqueeze(1)  # (B, 1, K, T0): broadcast over Hkv
-    k = compact(e, cache.keys)  # (B, 1, K, T0) x (B, Hkv, T0, D) -> (B, Hkv, K, D)
-    v = compact(e, cache.values)
+    k = onehot_gather(e, cache.keys)  # (B, 1, K, T0) x (B, Hkv, T0, D) -> (B, Hkv, K, D)
+    v = onehot_gather(e, cache.values)
     cache.replace(FixedMaskOperand(k, grow_dim=2), FixedMaskOperand(v, grow_dim=2))
 
 
@@ -222,12 +207,3 @@ def get_policy(name: str, meter: Meter | None = None, **kwargs) -> MPCPolicy:
     if name not in _REGISTRY:
         raise ValueError(f"unknown MPC KV policy {name!r}; choose one of {policy_names()}")
     return _REGISTRY[name](meter=meter, **kwargs)
-
-
-def set_policy(model, policy: MPCPolicy) -> None:
-    """Install ``policy`` in every attention layer of a ``SecureTransformer`` and reset it."""
-    policy.reset()
-    for block in model.layers:
-        block.attention.policy = policy
-
-

@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from mpcache.budget import check_budget, kept_tokens
 from mpcache.policy.base import Meter, StaticEviction, register
 
 
@@ -24,15 +25,14 @@ class H2O(StaticEviction):
     name = "h2o"
 
     def __init__(self, meter: Meter | None = None, budget: float = 0.2, recent_fraction: float = 0.5) -> None:
-        if not budget > 0 or (budget > 1 and budget != int(budget)):
-            raise ValueError(f"budget is a fraction in (0, 1] or a token count, got {budget}")
+        check_budget(budget)
         if not 0 <= recent_fraction <= 1:
             raise ValueError(f"recent_fraction must be in [0, 1], got {recent_fraction}")
         self.budget, self.recent_fraction = budget, recent_fraction
         super().__init__(meter)
 
     def n_keep(self, prompt_len: int) -> int:
-        k = int(self.budget) if self.budget > 1 else int(prompt_len * self.budget)
+        k = kept_tokens(self.budget, prompt_len)
         return max(1, min(prompt_len, k))
 
     def window(self, prompt_len: int) -> int:

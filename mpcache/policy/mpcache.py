@@ -45,18 +45,23 @@ from dataclasses import dataclass, field
 import torch
 
 from mpcache.cache import SecretKVCache
-from mpcache.config import MPCacheConfig
 from mpcache.policy.base import Meter, StaticEviction, full_attention, new_key, register
-from plaintext_ref.policies.mpcache import config_for_budget
+from plaintext_ref.mpcache_config import MPCacheConfig, config_for_budget
 from protocols.compat import crypten
 from protocols.fixed_mask import FixedMaskOperand, fixed_matmul
+from protocols.config import active_config
 from protocols.nonlinear import softmax
 from protocols.selection import mul_public_int, topk_mask, topk_onehot, tree_max
 from protocols.similarity import cluster_minmax, representative_keys
 from protocols.types import Secret
 
 NOT_CANDIDATE = float(2**20)  # score penalty of a level-l cluster whose parent was not picked
-PAD_LOGIT = -1024.0  # logit of padding slots (protocols.nonlinear.MASK_FILL: exp(·) = 0)
+
+
+def pad_logit() -> float:
+    """Logit of padding slots: −``ProtocolConfig.mask_fill``, where the softmax's exp(·) is 0."""
+    return -active_config().mask_fill
+
 
 Summaries = list[tuple[Secret, Secret]]  # per level: ([r_min], [r_max]) (B, Hkv, C_l, D)
 
@@ -200,7 +205,7 @@ def attend_selected(q: Secret, cache: SecretKVCache, sel: Selection, s: int, met
         z = fixed_matmul(q, cache.keys, transpose_w=True)  # (B, Hkv, G, D) x (B, Hkv, D, T') -> (B, Hkv, G, T')
         pad = max(0, hi * s - t)  # tokens missing from a partial, non-forced last cluster
         if pad:
-            z = crypten.cat([z, z[..., :pad] * 0 + PAD_LOGIT], dim=-1)
+            z = crypten.cat([z, z[..., :pad] * 0 + pad_logit()], dim=-1)
         parts = [z[..., : lo * s]]
         if sel.operand is not None:
             k = sel.operand.shape[-2]
@@ -226,7 +231,7 @@ def attend_selected(q: Secret, cache: SecretKVCache, sel: Selection, s: int, met
 
 
 class MPCache(StaticEviction):
-    """MPCache policy on shares (see module docstring). ``budget`` overrides ``config`` via the twin's
+    """MPCache policy on shares (see module docstring). ``budget`` overrides ``config`` via the shared
     ``config_for_budget`` (fraction of the prompt attended per decode step)."""
 
     name = "mpcache"
@@ -237,11 +242,6 @@ class MPCache(StaticEviction):
         self.config = config_for_budget(float(budget), config) if budget is not None else config
         super().__init__(meter)
 
-    def reset(self) -> None:
-        super().reset()
-        self._levels: dict[int, Summaries] = {}
-        self._selection: dict[int, Selection] = {}
-
     def n_keep(self, prompt_len: int) -> int:
         return self.config.n_keep(prompt_len)
 
@@ -251,27 +251,31 @@ class MPCache(StaticEviction):
     def shares_with(self, layer: int) -> int | None:
         return self.config.shares_with(layer)
 
-    def after_prefill(self, layer: int, cache: SecretKVCache, p_win: Secret | None) -> None:
-        super().after_prefill(layer, cache, p_win)
-        if self.shares_with(layer) is None:  # a sharing layer never selects: no summaries
+    def after_prefill(self, layer: int, cache: SecretKVCache, p_win: Secret | None,
+                      partner: SecretKVCache | None) -> None:
+        """Static eviction, then the cluster summaries into ``cache.aux["levels"]`` (a layer that
+        reuses its partner's selection never selects: no summaries)."""
+        super().after_prefill(layer, cache, p_win, partner)
+        if partner is None:
             with self.meter.stage("kv_select"):
-                self._levels[layer] = build_summaries(cache.keys.secret, self.config.cluster_sizes)
+                cache.aux["levels"] = build_summaries(cache.keys.secret, self.config.cluster_sizes)
 
-    def decode(self, layer: int, q: Secret, cache: SecretKVCache) -> Secret:
+    def decode(self, layer: int, q: Secret, cache: SecretKVCache, partner: SecretKVCache | None) -> Secret:
+        """Select clusters (or reuse ``partner.aux["selection"]``), keep the selection in
+        ``cache.aux["selection"]``, attend the selected tokens."""
         cfg, t = self.config, cache.length
-        src = self.shares_with(layer)
-        if src is None:
+        if partner is None:
             with self.meter.stage("kv_select"):
-                self._levels[layer] = update_summaries(self._levels[layer], new_key(cache), t - 1,
+                cache.aux["levels"] = update_summaries(cache.aux["levels"], new_key(cache), t - 1,
                                                        cfg.cluster_sizes)
         if t <= cfg.dynamic_min_tokens:
             return full_attention(q, cache, None, self.meter)[0]
-        if src is not None:
-            sel = self._selection[src]
+        if partner is not None:
+            sel = partner.aux["selection"]
         else:
             with self.meter.stage("kv_select"):
-                sel = select_clusters(q.sum(dim=2), self._levels[layer], cfg, t)  # q_kv: Σ_g q (B, Hkv, D)
-        self._selection[layer] = sel
+                sel = select_clusters(q.sum(dim=2), cache.aux["levels"], cfg, t)  # q_kv: Σ_g q (B, Hkv, D)
+        cache.aux["selection"] = sel
         return attend_selected(q, cache, sel, cfg.cluster_sizes[-1], self.meter)
 
     def describe(self, prompt_len: int, n_new: int = 1) -> dict:

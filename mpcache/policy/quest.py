@@ -22,7 +22,7 @@ import torch
 
 from mpcache.cache import SecretKVCache
 from mpcache.policy.base import Meter, MPCPolicy, new_key, register
-from mpcache.policy.mpcache import PAD_LOGIT, build_summaries, update_summaries
+from mpcache.policy.mpcache import build_summaries, pad_logit, update_summaries
 from protocols.compat import crypten
 from protocols.fixed_mask import fixed_matmul
 from protocols.nonlinear import softmax
@@ -59,22 +59,21 @@ class Quest(MPCPolicy):
         self.budget, self.page_size = int(budget), page_size
         super().__init__(meter)
 
-    def reset(self) -> None:
-        self._pages: dict[int, list] = {}
-
     def n_pages(self, length: int) -> int:
         return min(max(3, self.budget // self.page_size), math.ceil(length / self.page_size))
 
-    def after_prefill(self, layer: int, cache: SecretKVCache, p_win: Secret | None) -> None:
+    def after_prefill(self, layer: int, cache: SecretKVCache, p_win: Secret | None,
+                      partner: SecretKVCache | None) -> None:
+        """Page min/max summaries into ``cache.aux["pages"]``."""
         with self.meter.stage("kv_select"):
-            self._pages[layer] = build_summaries(cache.keys.secret, (self.page_size,))
+            cache.aux["pages"] = build_summaries(cache.keys.secret, (self.page_size,))
 
-    def decode(self, layer: int, q: Secret, cache: SecretKVCache) -> Secret:
+    def decode(self, layer: int, q: Secret, cache: SecretKVCache, partner: SecretKVCache | None) -> Secret:
         t, p = cache.length, self.page_size
         c, k = math.ceil(t / p), self.n_pages(t)
         with self.meter.stage("kv_select"):
-            self._pages[layer] = update_summaries(self._pages[layer], new_key(cache), t - 1, (p,))
-            (rmin, rmax), = self._pages[layer]
+            cache.aux["pages"] = update_summaries(cache.aux["pages"], new_key(cache), t - 1, (p,))
+            (rmin, rmax), = cache.aux["pages"]
             o = topk_onehot(quest_bound(q, rmin, rmax), k, sort_by_index=True)  # (B, Hkv, k, C)
             e = token_onehot(o, p, t)  # (B, Hkv, k·P, T')
         with self.meter.stage("attention"):
@@ -84,7 +83,7 @@ class Quest(MPCPolicy):
             pad.view(-1)[t:] = 1.0  # slots past T' in the last page
             if t % p:
                 flag = o.matmul(pad)  # (B, Hkv, k, P): 1 on gathered padding slots (public matmul: local)
-                bias = mul_public_int(flag, int(PAD_LOGIT * logits.encoder.scale))
+                bias = mul_public_int(flag, int(pad_logit() * logits.encoder.scale))
                 bias.encoder = logits.encoder
                 logits = logits + bias.flatten(-2).unsqueeze(2)
         with self.meter.stage("softmax"):

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from mpcache.cache import SecretKVCache
+from mpcache.cache import SecretKVCache, Sequence
 from mpcache.model import SecureTransformer, causal_mask
 from protocols.compat import comm, crypten
 from protocols.fixed_mask import fixed_matmul
@@ -32,35 +32,35 @@ def _share(x: torch.Tensor | None, shape: tuple[int, ...], device: torch.device)
     return crypten.cryptensor(value.to(device), src=CLIENT, device=device)
 
 
-def prefill_from_plaintext_kv(model: SecureTransformer, n_prompt: int,
+def prefill_from_plaintext_kv(model: SecureTransformer, seq: Sequence, n_prompt: int,
                               kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
                               window_queries: list[torch.Tensor] | None, batch: int = 1) -> None:
-    """Fill every layer's cache from the client's plaintext cache, then run the policy's prefill step.
+    """Fill every layer's cache of the empty ``seq`` from the client's plaintext cache, then run the
+    sequence policy's prefill step.
 
     kv: per layer (k, v), each (B, Hkv, T0, D) post-RoPE, on the client (rank 0); None elsewhere.
     window_queries: per layer the post-RoPE, unscaled queries (B, H, W, D) of the last
     W = policy.window(T0) prompt positions, on the client; None elsewhere or when W = 0.
-    Public: T0, W, shapes. Installs nothing: uses the policy already set on the model. The window
-    attention is skipped on layers that reuse another layer's static set (it would be unused).
+    Public: T0, W, shapes. The window attention is skipped on layers that reuse another layer's
+    static set (it would be unused).
     """
     log.warning("SIMULATION: the KV cache comes from a plaintext prefill; this run is NOT private")
-    a = model.args
-    policy = model.layers[0].attention.policy
-    policy.reset()
+    assert seq.length == 0, f"the simulation prefill needs an empty sequence, got {seq.length} tokens"
+    a, policy = model.args, seq.policy
     w = policy.window(n_prompt)
     kv_shape = (batch, a.n_kv_heads, n_prompt, a.head_dim)
     mask = causal_mask(torch.arange(n_prompt - w, n_prompt), n_prompt, a.n_groups) if w else None
-    for layer, block in enumerate(model.layers):
+    for layer, cache in enumerate(seq.caches):
         mine = comm.get().get_rank() == CLIENT
         k, v = kv[layer] if mine else (None, None)
-        cache = block.attention.cache = SecretKVCache()
         cache.append(_share(k, kv_shape, model.device), _share(v, kv_shape, model.device))
         p_win = None
-        if w and policy.shares_with(layer) is None:  # a sharing layer reuses its partner's static set
+        partner = seq.partner(layer)
+        if w and partner is None:  # a sharing layer reuses its partner's static set
             q = _share(window_queries[layer] if mine else None, (batch, a.n_heads, w, a.head_dim), model.device)
             q = (q * (1.0 / math.sqrt(a.head_dim))).reshape(batch, a.n_kv_heads, a.n_groups * w, a.head_dim)
             p_win = window_softmax(q, cache, mask).view(batch, a.n_kv_heads, a.n_groups, w, n_prompt)
-        policy.after_prefill(layer, cache, p_win)
+        policy.after_prefill(layer, cache, p_win, partner)
 
 
 def window_softmax(q: crypten.CrypTensor, cache: SecretKVCache, mask: torch.Tensor) -> crypten.CrypTensor:

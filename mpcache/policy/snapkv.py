@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from mpcache.budget import check_budget, kept_tokens
 from mpcache.policy.base import Meter, StaticEviction, register, window_scores
 from protocols.compat import crypten
 from protocols.types import Secret
@@ -27,8 +28,7 @@ class SnapKV(StaticEviction):
 
     def __init__(self, meter: Meter | None = None, budget: float = 2048, window_size: int = 32,
                  kernel_size: int = 7) -> None:
-        if not budget > 0 or (budget > 1 and budget != int(budget)):
-            raise ValueError(f"budget is a fraction in (0, 1] or a token count, got {budget}")
+        check_budget(budget)
         if window_size < 1 or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"need window_size >= 1 and an odd kernel_size, got {window_size}, {kernel_size}")
         self.budget, self.window_size, self.kernel_size = budget, window_size, kernel_size
@@ -38,7 +38,7 @@ class SnapKV(StaticEviction):
         return min(self.window_size, prompt_len)
 
     def n_keep(self, prompt_len: int) -> int:
-        k = int(self.budget) if self.budget > 1 else int(prompt_len * self.budget)
+        k = kept_tokens(self.budget, prompt_len)
         return max(self.window(prompt_len), min(prompt_len, k))
 
     def protected(self, prompt_len: int) -> torch.Tensor:

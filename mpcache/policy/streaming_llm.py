@@ -20,7 +20,7 @@ from protocols.types import Secret
 
 
 class StreamingLLM(MPCPolicy):
-    name = "streamingllm"
+    name = "streaming_llm"
 
     def __init__(self, meter: Meter | None = None, n_sink: int = 4, n_recent: int = 2000) -> None:
         if n_sink < 0 or n_recent < 1:
@@ -35,10 +35,11 @@ class StreamingLLM(MPCPolicy):
         keep = torch.cat([torch.arange(self.n_sink), torch.arange(t - self.n_recent, t)])
         cache.replace(cache.keys.select(2, keep), cache.values.select(2, keep))
 
-    def after_prefill(self, layer: int, cache: SecretKVCache, p_win: Secret | None) -> None:
+    def after_prefill(self, layer: int, cache: SecretKVCache, p_win: Secret | None,
+                      partner: SecretKVCache | None) -> None:
         self._evict(cache)
 
-    def decode(self, layer: int, q: Secret, cache: SecretKVCache) -> Secret:
+    def decode(self, layer: int, q: Secret, cache: SecretKVCache, partner: SecretKVCache | None) -> Secret:
         out, _ = full_attention(q, cache, None, self.meter)
         self._evict(cache)
         return out
@@ -51,4 +52,4 @@ class StreamingLLM(MPCPolicy):
                 "budget": round(attended / t, 4), "n_sink": self.n_sink, "n_recent": self.n_recent}
 
 
-register("streamingllm", StreamingLLM)
+register("streaming_llm", StreamingLLM)

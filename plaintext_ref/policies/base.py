@@ -99,7 +99,9 @@ class StepCtx:
     i.e. before ``on_prefill``/``on_append`` evict). logits: (B, H, S, T) fp32 scaled pre-softmax scores
     with masked entries at -inf ("logits"). position_ids: (B, S). scaling: the 1/√D the model uses.
     rope(x, positions): rotates x (B, h, n, D) by positions (B, n) or (B, h, n); None for GPT-2.
-    hidden is not filled by this runtime yet (None).
+    hidden is not filled by this runtime yet (None). partner: the LayerKV of layer
+    ``policy.shares_with(layer_idx, num_layers)`` as that layer left it earlier in this forward (its aux
+    carries the state it shares); None when the policy names no such layer.
     """
 
     layer_idx: int
@@ -113,22 +115,25 @@ class StepCtx:
     attn: Tensor | None = None
     logits: Tensor | None = None
     hidden: Tensor | None = None
+    partner: LayerKV | None = None
 
 
 class KVPolicy:
     """Base policy: the full cache. Subclasses override the hooks they need.
 
     ``needs`` ⊆ {"q", "attn", "logits"} tells the runtime what to fill in :class:`StepCtx`.
-    Per-sequence state belongs in ``LayerKV.aux``, not on the policy (one policy object may serve many runs).
+    Per-sequence state belongs in ``LayerKV.aux``, not on the policy (one policy object may serve many runs,
+    interleaved); a layer reads state of another layer of its sequence only through ``ctx.partner``.
     """
 
     needs: frozenset[str] = frozenset()
 
     def post_init_from_model(self, model: nn.Module) -> None:
-        """Called by ``RefCache`` with the model before ``reset`` (kvpress's hook; e.g. head calibration)."""
+        """Called by ``RefCache`` with the model (kvpress's hook; e.g. head calibration)."""
 
-    def reset(self) -> None:
-        """Called when a new sequence starts."""
+    def shares_with(self, layer_idx: int, num_layers: int) -> int | None:
+        """The earlier layer (< ``layer_idx``) whose LayerKV calls on ``layer_idx`` get as ``ctx.partner``."""
+        return None
 
     def on_prefill(self, ctx: StepCtx, kv: LayerKV) -> LayerKV:
         """After the prompt forward of layer ``ctx.layer_idx`` (the prompt has attended the full prompt)."""
@@ -139,7 +144,11 @@ class KVPolicy:
         return kv
 
     def select(self, ctx: StepCtx, kv: LayerKV) -> Tensor | None:
-        """Before attention: bool mask (B, H or Hkv, S, T), True = may attend; None = no restriction."""
+        """Before attention: bool mask (B, H or Hkv, S, T), True = may attend; None = no restriction.
+
+        May record the choice in ``kv.aux`` for the layers that share it (it persists when the hook after
+        attention returns ``kv``, as the default does).
+        """
         return None
 
     def read(self, ctx: StepCtx, kv: LayerKV) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -248,7 +257,7 @@ def gather_kv(kv: LayerKV, idx: Tensor) -> LayerKV:
                    kv.k_channel_mask, {key: take(val) for key, val in kv.aux.items()})
 
 
-def compact(kv: LayerKV, keep: Tensor) -> LayerKV:
+def keep_slots(kv: LayerKV, keep: Tensor) -> LayerKV:
     """Order-preserving gather of the slots where keep (B, Hkv, T) is True; rows may keep different counts.
 
     Every (B, Hkv) row gets K = max kept count slots: its kept slots in time order, padded with its earliest

@@ -15,8 +15,8 @@ Deviations:
 2. ``budget`` (int tokens, float fraction of the cache, or Budget) sets subset_cache_size = ⌈budget / P⌉
    pages, the recency window included; a budget below L pages is raised to L pages.
 3. Only single-token decode steps select; the prompt and multi-token chunks attend densely.
-4. The Δ-layer's page set is handed to the following sparse layers through the policy object (cleared by
-   ``reset()`` when a sequence starts): one DELTA object serves one sequence at a time.
+4. The Δ-layer's page set is handed to the following sparse layers through its ``LayerKV.aux``: a sparse
+   layer shares with the last full layer before it (``ctx.partner``), which is the latest Δ-layer.
 
 GQA: one page set per layer group, shared by every head of every sparse layer.
 Needs: the softmax weights of the current query at the Δ-layers (``needs = {"attn"}``).
@@ -33,6 +33,7 @@ from plaintext_ref.policies.base import Budget, KVPolicy, LayerKV, StepCtx
 
 DEFAULT_FULL_LAYERS = (0, 1, 2, 14, 22)
 DEFAULT_DEPTH = 28
+PAGES = "delta_pages"   # LayerKV.aux of a Δ-layer: (B, T) bool token mask of this decode step, None = all pages
 
 
 def page_scores(attn: Tensor, page_size: int) -> Tensor:
@@ -72,10 +73,6 @@ class DELTA(KVPolicy):
             self.full_layers = tuple(sorted(set(self.full_layers)))
             if 0 not in self.full_layers or self.full_layers[0] < 0:
                 raise ValueError(f"DELTA full_layers must hold layer 0 and no negative index, got {self.full_layers}")
-        self.reset()
-
-    def reset(self) -> None:
-        self._pages: Tensor | None = None     # (B, T) bool token mask chosen by the latest Δ-layer
 
     def full_set(self, num_layers: int) -> frozenset[int]:
         """Indices of the full-attention layers for a model of ``num_layers`` layers."""
@@ -91,19 +88,23 @@ class DELTA(KVPolicy):
         full = self.full_set(num_layers)
         return layer_idx in full and layer_idx + 1 < num_layers and layer_idx + 1 not in full
 
+    def shares_with(self, layer_idx: int, num_layers: int) -> int | None:
+        """A sparse layer reads the pages of the last full layer before it (a Δ-layer); full layers: None."""
+        full = self.full_set(num_layers)
+        return None if layer_idx in full else max(i for i in full if i < layer_idx)
+
     def select(self, ctx: StepCtx, kv: LayerKV) -> Tensor | None:
         """Sparse layers at decode: (B, Hkv, 1, T) bool, the latest Δ-layer's pages; None elsewhere."""
-        if ctx.phase != "decode" or ctx.layer_idx in self.full_set(ctx.num_layers) or self._pages is None:
+        if ctx.phase != "decode" or ctx.partner is None or ctx.partner.aux[PAGES] is None:
             return None
-        assert self._pages.shape[-1] == kv.n, f"Δ-layer saw {self._pages.shape[-1]} slots, layer has {kv.n}"
-        return (self._pages[:, None, :] & kv.valid_mask())[:, :, None, :]
+        pages = ctx.partner.aux[PAGES]
+        assert pages.shape[-1] == kv.n, f"Δ-layer saw {pages.shape[-1]} slots, layer has {kv.n}"
+        return (pages[:, None, :] & kv.valid_mask())[:, :, None, :]
 
     def on_append(self, ctx: StepCtx, kv: LayerKV) -> LayerKV:
         """At a Δ-layer's decode step, choose the pages the next sparse layers attend."""
         if ctx.phase == "decode" and self.is_delta(ctx.layer_idx, ctx.num_layers):
-            self._pages = self.choose(ctx.attn[:, :, -1], ctx.layer_idx, ctx.num_layers)
-        elif ctx.phase != "decode":
-            self._pages = None
+            kv.aux[PAGES] = self.choose(ctx.attn[:, :, -1], ctx.layer_idx, ctx.num_layers)
         return kv
 
     def choose(self, attn: Tensor, layer_idx: int, num_layers: int) -> Tensor | None:

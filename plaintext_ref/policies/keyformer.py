@@ -17,8 +17,9 @@ Deviations:
 3. Eviction follows the step's attention (the runtime's timing): the cache holds K slots between steps and
    a step attends K + 1; the original evicts so that K includes the next token (one fewer old slot).
 4. Queries on left-padding slots add nothing to the scores.
-5. The noise comes from a ``torch.Generator`` seeded with ``seed`` at every ``reset`` (new sequence), so
-   runs are reproducible; ``gumbel=False`` sets G ≡ 0 (with Δτ = 0 and τ_init = 1 this is H2O).
+5. The noise comes from one ``torch.Generator`` per sequence and device, seeded with ``seed`` and drawn in
+   call order by every layer, so runs are reproducible; it lives in layer 0's ``LayerKV.aux`` (the other
+   layers read it as ``ctx.partner``). ``gumbel=False`` sets G ≡ 0 (with Δτ = 0 and τ_init = 1 this is H2O).
 
 GQA: scores are accumulated per query head and reduced over the group with ``gqa_agg`` (mean, max or sum)
 at each eviction (the released models are MHA). Needs: the scaled logits of every forward
@@ -26,7 +27,7 @@ at each eviction (the released models are MHA). Needs: the scaled logits of ever
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -37,6 +38,7 @@ from plaintext_ref.policies.base import (Budget, LayerKV, StepCtx, TopKEviction,
 
 ACC = "keyformer_acc"     # LayerKV.aux: (B, Hkv, T, G) accumulated Gumbel-softmax score per query head
 STEP = "keyformer_step"   # LayerKV.aux: int, forwards seen by the layer (t in τ_t)
+NOISE = "keyformer_noise" # layer 0's LayerKV.aux: {device: torch.Generator}, the sequence's noise streams
 
 
 @dataclass
@@ -63,7 +65,6 @@ class Keyformer(TopKEviction):
     gumbel: bool = True
     seed: int = 0
     evict_on: Literal["prefill", "decode", "both"] = "both"
-    _generators: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recent_fraction <= 1.0:
@@ -74,8 +75,9 @@ class Keyformer(TopKEviction):
             raise ValueError("Keyformer supports granularity 'kv_head' or 'layer' and no head_adaptive")
         super().__post_init__()
 
-    def reset(self) -> None:
-        self._generators.clear()
+    def shares_with(self, layer_idx: int, num_layers: int) -> int | None:
+        """Every layer draws from layer 0's noise streams."""
+        return 0 if layer_idx > 0 else None
 
     def on_prefill(self, ctx: StepCtx, kv: LayerKV) -> LayerKV:
         self._accumulate(ctx, kv)
@@ -89,17 +91,21 @@ class Keyformer(TopKEviction):
         """τ_t = τ_init + t·Δτ."""
         return self.tau_init + t * self.tau_delta
 
-    def gumbel_noise(self, shape: torch.Size, device: torch.device) -> Tensor:
-        """G = −log E, E ~ Exp(1) (≡ −log(−log U)), from this sequence's generator on ``device``."""
-        gen = self._generators.get(device)
+    def gumbel_noise(self, streams: dict[torch.device, torch.Generator], shape: torch.Size,
+                     device: torch.device) -> Tensor:
+        """G = −log E, E ~ Exp(1) (≡ −log(−log U)), drawn from ``streams[device]`` (seeded at first use)."""
+        gen = streams.get(device)
         if gen is None:
-            gen = self._generators[device] = torch.Generator(device).manual_seed(self.seed)
+            gen = streams[device] = torch.Generator(device).manual_seed(self.seed)
         return -torch.empty(shape, device=device).exponential_(generator=gen).log()
 
     def _accumulate(self, ctx: StepCtx, kv: LayerKV) -> None:
         """Add this forward's Gumbel-softmax column sums over real queries to ``kv.aux[ACC]``."""
         step = kv.aux.get(STEP, 0)
-        z = ctx.logits if not self.gumbel else ctx.logits + self.gumbel_noise(ctx.logits.shape, ctx.logits.device)
+        z = ctx.logits
+        if self.gumbel:
+            streams = (kv if ctx.partner is None else ctx.partner).aux.setdefault(NOISE, {})
+            z = z + self.gumbel_noise(streams, z.shape, z.device)
         probs = (z / self.temperature(step)).softmax(dim=-1).nan_to_num(0.0)      # (B, H, S, T)
         kv.aux[ACC] = accumulate_received(kv.aux.get(ACC), received_attention(probs, kv))
         kv.aux[STEP] = step + 1

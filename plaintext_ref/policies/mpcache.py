@@ -8,9 +8,10 @@ clusters of 32 (level 1) and 16 (level 2) consecutive cached tokens summarised b
 r_max; score_c = q·k̃_c with k̃_c = α r_max + (1−α) r_min (α = 0.6); level 1 keeps top-int(0.5·C1),
 level 2 scores only children of level-1 picks and keeps top-int(0.2·C2); the sink and local
 clusters are always added (never duplicating a pick); attention runs over the selected tokens only.
-(3) Cross-layer index sharing: layer 2k+1 (k ≥ 1) reuses layer 2k's static set and selection.
+(3) Cross-layer index sharing: layer 2k+1 (k ≥ 1) reuses layer 2k's static set and selection, read
+from that layer's ``LayerKV.aux`` (``ctx.partner``).
 
-Defaults: ``mpcache.config.MPCacheConfig`` (authors' code, mpcache.md §10), which also lists the
+Defaults: ``plaintext_ref.mpcache_config.MPCacheConfig`` (authors' code, mpcache.md §10), which also lists the
 deviations from the authors' code (public top-K instead of a threshold, always-forced local cluster,
 no duplicates, scaled causal scores, GQA, unpadded last cluster).
 GQA: selection per KV head with the group's mean query (linear, so exact for the linear score).
@@ -24,31 +25,17 @@ T' cache tokens · D head dim · C clusters · K kept count.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from mpcache.config import MPCacheConfig
-from plaintext_ref.policies.base import KVPolicy, LayerKV, StepCtx, gather_kv
-from plaintext_ref.policies.base import window_attention as causal_window_attention
+from plaintext_ref.mpcache_config import MPCacheConfig, config_for_budget
+from plaintext_ref.policies.base import KVPolicy, LayerKV, StepCtx, gather_kv, window_attention
 
 NEG = float("-inf")
-
-
-def window_attention(q_win: Tensor, k: Tensor) -> Tensor:
-    """Causal softmax attention of the last W prompt queries over the T0 prompt keys.
-
-    q_win: (B, H, W, D) post-RoPE queries of the last W prompt tokens; k: (B, Hkv, T0, D).
-    Returns (B, H, W, T0) fp32 probabilities, softmax(q kᵀ/√D + causal mask).
-    """
-    b, h, w, d = q_win.shape
-    t0 = k.shape[-2]
-    kk = k.repeat_interleave(h // k.shape[1], dim=1).float()              # (B, H, T0, D)
-    logits = q_win.float() @ kk.transpose(-1, -2) / math.sqrt(d)           # (B, H, W, T0)
-    rows = torch.arange(t0 - w, t0, device=k.device)[:, None]              # absolute query positions
-    causal = torch.arange(t0, device=k.device)[None, :] <= rows            # (W, T0)
-    return logits.masked_fill(~causal, NEG).softmax(dim=-1)
+STATIC = "mpcache_static"     # LayerKV.aux: (B, K) int64 prompt positions kept by the static eviction
+DYNAMIC = "mpcache_dynamic"   # LayerKV.aux: (B, Hkv, 1, T') bool, the latest decode step's selection
 
 
 def static_scores(attn_win: Tensor) -> Tensor:
@@ -146,20 +133,6 @@ def dynamic_token_mask(q: Tensor, k: Tensor, cfg: MPCacheConfig) -> Tensor:
     return cluster_token_mask(picked, cfg.cluster_sizes[-1], t)
 
 
-def config_for_budget(budget: float, base: MPCacheConfig | None = None) -> MPCacheConfig:
-    """An MPCacheConfig attending about ``budget``·T0 tokens per decode step.
-
-    static_keep = max(base.static_keep, 2·budget) (capped at 1), level-1 ratio 0.5 and the level-2
-    ratio = budget / static_keep, so (k2 + forced)·16 ≈ budget·T0 (authors: 30 % × 20 % = 6 %).
-    """
-    base = base or MPCacheConfig()
-    if not 0 < budget <= 1:
-        raise ValueError(f"MPCache budget is the fraction attended, in (0, 1]; got {budget}")
-    keep = min(1.0, max(float(base.static_keep) if base.static_keep <= 1 else 0.3, 2 * budget))
-    ratio2 = min(base.level_ratios[0], budget / keep)
-    return replace(base, static_keep=keep, level_ratios=(base.level_ratios[0], ratio2))
-
-
 @dataclass
 class MPCache(KVPolicy):
     """MPCache plaintext twin (see module docstring).
@@ -178,39 +151,36 @@ class MPCache(KVPolicy):
     def __post_init__(self) -> None:
         if self.budget is not None:
             self.config = config_for_budget(float(self.budget), self.config)
-        self.reset()
 
-    def reset(self) -> None:
-        # Per-sequence indices of the layers others share with: static (B, K) and dynamic (B, Hkv, 1, T').
-        self._static: dict[int, Tensor] = {}
-        self._dynamic: dict[int, Tensor] = {}
+    def shares_with(self, layer_idx: int, num_layers: int) -> int | None:
+        return self.config.shares_with(layer_idx)
 
     def on_prefill(self, ctx: StepCtx, kv: LayerKV) -> LayerKV:
-        """Look-once static eviction: keep the public top-K prompt tokens of this layer, in order."""
-        cfg, layer = self.config, ctx.layer_idx
-        src = cfg.shares_with(layer)
-        if src is not None and src in self._static:
-            idx = self._static[src]
+        """Look-once static eviction: keep the public top-K prompt tokens (the partner's if any), in order."""
+        cfg = self.config
+        if ctx.partner is not None:
+            idx = ctx.partner.aux[STATIC]
         else:
             t0 = kv.n
             w = cfg.window(t0)
-            attn = causal_window_attention(ctx.q[:, :, -w:], kv.k, ctx.scaling, kv.valid)   # (B, H, W, T0)
+            attn = window_attention(ctx.q[:, :, -w:], kv.k, ctx.scaling, kv.valid)          # (B, H, W, T0)
             scores = static_scores(attn)                                                  # (B, T0)
             if kv.valid is not None:
                 scores = scores.masked_fill(~kv.valid.all(dim=1), NEG)
             idx = static_keep(scores, cfg.n_keep(t0))                                    # (B, K)
-        self._static[layer] = idx
         b, hkv = kv.k.shape[:2]
-        return gather_kv(kv, idx[:, None, :].expand(b, hkv, idx.shape[-1]))
+        out = gather_kv(kv, idx[:, None, :].expand(b, hkv, idx.shape[-1]))
+        out.aux[STATIC] = idx
+        return out
 
     def select(self, ctx: StepCtx, kv: LayerKV) -> Tensor | None:
-        """Dynamic selection before attention at decode: (B, Hkv, 1, T') bool."""
+        """Dynamic selection before attention at decode (the partner's of this step if any): (B, Hkv, 1, T') bool."""
         if ctx.phase != "decode":
             return None
-        src = self.config.shares_with(ctx.layer_idx)
-        if src is not None and src in self._dynamic:
-            mask = self._dynamic[src]
+        if ctx.partner is not None:
+            mask = ctx.partner.aux[DYNAMIC]
+            assert mask.shape[-1] == kv.n, f"partner selected over {mask.shape[-1]} slots, layer has {kv.n}"
         else:
             mask = dynamic_token_mask(ctx.q[:, :, -1], kv.k, self.config)[:, :, None, :]
-        self._dynamic[ctx.layer_idx] = mask
+        kv.aux[DYNAMIC] = mask
         return mask if kv.valid is None else mask & kv.valid[:, :, None, :]

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from plaintext_ref.policies.base import Budget, KVPolicy, LayerKV, StepCtx, compact, protected_slots
+from plaintext_ref.policies.base import Budget, KVPolicy, LayerKV, StepCtx, keep_slots, protected_slots
 
 log = logging.getLogger(__name__)
 
@@ -158,4 +158,4 @@ class RazorAttention(KVPolicy):
         v = torch.where(first[..., None], v_hat[:, :, None].to(kv.v.dtype), kv.v)
         bias = torch.zeros_like(kv.k[..., 0], dtype=torch.float32) if kv.bias is None else kv.bias.float()
         bias = torch.where(first, count.clamp(min=1).float().log()[..., None], bias)
-        return compact(replace(kv, k=k, v=v, bias=bias), valid & ~(dropped & ~first))
+        return keep_slots(replace(kv, k=k, v=v, bias=bias), valid & ~(dropped & ~first))

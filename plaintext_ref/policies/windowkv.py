@@ -21,7 +21,8 @@ Deviations:
    L ≥ 2·shared_layers and a multiple of it. "max" takes at least one value per window (W = 1).
 4. A float budget f is kvpress-style: C = int(n·f) − w review tokens, so about n·f slots are kept with the
    suffix. An int budget is the original C (the suffix comes on top).
-5. Shared windows live on the policy for one sequence (reset by ``reset``), not on a class attribute.
+5. Shared windows live in the group leader's ``LayerKV.aux`` (the group reads them as ``ctx.partner``), not
+   on a class attribute.
 
 GQA: one window set per layer group, shared by all heads (scores averaged over every query head).
 Needs: the suffix queries (``StepCtx.q``) and the keys; the suffix attention is recomputed (no eager weights).
@@ -29,16 +30,17 @@ Needs: the suffix queries (``StepCtx.q``) and the keys; the suffix attention is 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from plaintext_ref.policies.base import Budget, KVPolicy, LayerKV, StepCtx, compact, window_attention
+from plaintext_ref.policies.base import Budget, KVPolicy, LayerKV, StepCtx, keep_slots, window_attention
 
 Strategy = Literal["max", "average"]
+KEPT = "windowkv_kept"   # LayerKV.aux: (B, T) bool, the group's kept_slots
 
 
 def group_budgets(capacity: int, shared_layers: int, beta: int, num_layers: int) -> list[int]:
@@ -85,7 +87,6 @@ class WindowKV(KVPolicy):
     review_window_size: int = 8
     shared_layers: int = 8
     beta: int = 14
-    _shared: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.budget is None:
@@ -101,8 +102,10 @@ class WindowKV(KVPolicy):
             raise ValueError(f"WindowKV needs suffix_size, review_window_size, shared_layers, beta >= 1, got "
                              f"{self.suffix_size}, {self.review_window_size}, {self.shared_layers}, {self.beta}")
 
-    def reset(self) -> None:
-        self._shared.clear()
+    def shares_with(self, layer_idx: int, num_layers: int) -> int | None:
+        """The first layer of ``layer_idx``'s group (None for that layer itself)."""
+        leader = layer_idx - layer_idx % self.shared_layers
+        return None if leader == layer_idx else leader
 
     def review_budget(self, layer_idx: int, num_layers: int, n: int) -> int:
         """C_l, review tokens kept by layer ``layer_idx`` for an n-token prompt."""
@@ -117,12 +120,10 @@ class WindowKV(KVPolicy):
         review, keep_l = kv.n - w, self.review_budget(ctx.layer_idx, ctx.num_layers, kv.n)
         if review <= keep_l:
             return kv
-        leader = ctx.layer_idx - ctx.layer_idx % self.shared_layers
-        keep = self._shared.get(leader) if ctx.layer_idx != leader else None
-        if keep is None or keep.shape[-1] != kv.n:
-            keep = self.kept_slots(ctx, kv, w, keep_l)
-            self._shared[ctx.layer_idx] = keep
-        return compact(kv, keep[:, None].expand(-1, kv.k.shape[1], -1) & kv.valid_mask())
+        keep = self.kept_slots(ctx, kv, w, keep_l) if ctx.partner is None else ctx.partner.aux[KEPT]
+        out = keep_slots(kv, keep[:, None].expand(-1, kv.k.shape[1], -1) & kv.valid_mask())
+        out.aux[KEPT] = keep
+        return out
 
     def kept_slots(self, ctx: StepCtx, kv: LayerKV, w: int, keep_l: int) -> Tensor:
         """(B, T) bool: the suffix plus every window but the ⌈(n − w − C_l)/W⌉ lowest-scored ones."""

@@ -50,7 +50,7 @@ def test_merge_replaces_same_key_and_keeps_others(tmp_path):
 
 def test_baselines_get_mpcache_budget():
     budget = build_policy("mpcache", None, 1024).describe(1024)["attended_last_step"]
-    for name in ("streamingllm", "h2o", "snapkv", "quest"):
+    for name in ("streaming_llm", "h2o", "snapkv", "quest"):
         assert build_policy(name, None, 1024).describe(1024)["attended_last_step"] <= budget + 16
     assert build_policy("full", None, 1024).describe(1024)["attended_last_step"] == 1024
     with pytest.raises(ValueError):

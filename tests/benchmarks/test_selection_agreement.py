@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmarks.selection_agreement import Verdict, compare_dynamic, compare_static, main, twin_levels
-from mpcache.config import MPCacheConfig
+from plaintext_ref.mpcache_config import MPCacheConfig
 from plaintext_ref.policies import mpcache as twin
 
 CFG = MPCacheConfig(cluster_sizes=(16, 8), level_ratios=(0.5, 0.25))
@@ -62,7 +62,7 @@ def test_classifier_same_tie_and_mismatch():
 def test_static_classifier():
     gen = torch.Generator().manual_seed(1)
     q_win, k = torch.randn(1, 4, 5, 8, generator=gen), torch.randn(1, 2, 40, 8, generator=gen)
-    s = twin.static_scores(twin.window_attention(q_win, k)) * 4
+    s = twin.static_scores(twin.window_attention(q_win, k, q_win.shape[-1] ** -0.5)) * 4
     kept = twin.static_keep(s, 12)
     assert compare_static(s, kept, q_win, k, 12)[0].status == "same"
     order = s[0].argsort(descending=True)

@@ -25,7 +25,7 @@ def _cli(*flags: str, n: int | None = None, stdin: str | bytes | None = None,
     cmd = [*LAUNCH, *flags]
     if n is not None:
         cmd = [str(MPIRUN), "--oversubscribe", "-n", str(n), *cmd]
-    data = stdin.encode() if isinstance(stdin, str) else stdin
+    data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")  # never the caller's stdin
     run = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, input=data, timeout=timeout)
     return subprocess.CompletedProcess(run.args, run.returncode, run.stdout.decode(errors="replace"),
                                        run.stderr.decode(errors="replace"))
@@ -106,7 +106,7 @@ def test_cli_bad_flags(flags, message):
     (["--tokenizer", "/no/such/tokenizer"], PROMPT, "--tokenizer '/no/such/tokenizer': not"),
     ([], b"caf\xe9 au lait\n", "the prompt (standard input) is not UTF-8 text: byte 0xe9 at offset 3"),
     ([], "  \n", "the prompt is empty"),
-    (["--timeout-s", "8"], None, "no prompt on standard input within"),
+    (["--timeout-s", "20"], None, "no prompt on standard input within"),
 ])
 def test_cli_role_input_errors(flags, stdin, message):
     """Each rank checks its own input before joining the others: one line, exit 2, fast."""
@@ -154,7 +154,7 @@ def test_cli_help_lists_every_flag_without_heavy_imports():
 @pytest.mark.parametrize("policy,knobs", [
     ("full", ()), ("mpcache", ()),
     ("mpcache", ("--cluster-sizes", "16,8", "--level-ratios", "0.5,0.25", "--static-keep", "0.5")),
-    ("streamingllm", ("--n-sink", "4", "--n-recent", "32")), ("h2o", ("--budget", "0.25")),
+    ("streaming_llm", ("--n-sink", "4", "--n-recent", "32")), ("h2o", ("--budget", "0.25")),
     ("snapkv", ("--budget", "0.5")), ("quest", ("--budget", "32", "--page-size", "8"))])
 def test_cli_on_cuda(tmp_path, policy, knobs):
     """Both parties on the GPU: the full cache gives the plaintext tokens; every policy runs to the

@@ -41,7 +41,7 @@ def _static_job(seed: int, t0: int) -> dict:
         p = _window_probs(gen, w, t0)
         cache = SecretKVCache()
         cache.append(crypten.cryptensor(k, src=0), crypten.cryptensor(v, src=0))
-        policy.after_prefill(0, cache, crypten.cryptensor(p, src=0))
+        policy.after_prefill(0, cache, crypten.cryptensor(p, src=0), None)
         out[policy.name] = {"p": p, "k": cache.keys.secret.get_plain_text(),
                             "v": cache.values.secret.get_plain_text()}
     return _lists(out)
@@ -95,9 +95,9 @@ def _quest_job(seed: int, lengths: list[int], budget: int) -> dict:
         cache = SecretKVCache()
         sk, sv = crypten.cryptensor(k, src=0), crypten.cryptensor(v, src=0)
         cache.append(sk[:, :, : t - 1], sv[:, :, : t - 1])
-        policy.after_prefill(0, cache, None)
+        policy.after_prefill(0, cache, None, None)
         cache.append(sk[:, :, t - 1:], sv[:, :, t - 1:])  # one decode step: summaries updated
-        y = policy.decode(0, crypten.cryptensor(q, src=0), cache)
+        y = policy.decode(0, crypten.cryptensor(q, src=0), cache, None)
         out[t] = {"q": q, "k": k, "v": v, "y": y.get_plain_text()}
     return _lists(out)
 
@@ -124,19 +124,16 @@ def test_quest_selects_exact_bound_pages():
 
 
 def _streaming_job(ids: list[int], n_new: int, n_sink: int, n_recent: int) -> list[int] | None:
-    from mpcache.generate import generate
-    from mpcache.model import ModelArgs, share_model
-    from mpcache.policy import StreamingLLM, set_policy
+    from mpcache.model import ModelArgs
+    from mpcache.session import PrivateSession
     from plaintext_ref.models import load_model
     from protocols.compat import comm
-    from protocols.cost import CostMeter
 
     rank = comm.get().get_rank()
     hf, _, config = load_model("tiny-llama")
-    meter = CostMeter()
-    model = share_model(hf.state_dict() if rank == 1 else None, ModelArgs.from_hf(config), meter)
-    set_policy(model, StreamingLLM(meter, n_sink=n_sink, n_recent=n_recent))
-    return generate(model, ids if rank == 0 else None, len(ids), n_new, frozenset(), meter).tokens
+    session = PrivateSession(hf.state_dict() if rank == 1 else None, ModelArgs.from_hf(config))
+    policy = session.policy("streaming_llm", n_sink=n_sink, n_recent=n_recent)
+    return session.generate(ids if rank == 0 else None, len(ids), n_new, policy=policy).tokens
 
 
 def test_streaming_llm_tokens_match_twin():
@@ -168,7 +165,7 @@ def test_cli_options_build_every_policy_with_public_budgets():
     assert d["budget"] == round(cfg.selected_tokens(104) / 204, 4)
     with pytest.raises(SystemExit):
         parse(["--kv-policy", "mpcache", "--level-ratios", "0.5"])  # one ratio for two levels
-    for name, want in [("streamingllm", 4 + 16 + 1), ("h2o", 40 + 4), ("quest", 48), ("snapkv", 200 + 4)]:
-        extra = {"streamingllm": ["--n-recent", "16"], "h2o": [], "quest": ["--budget", "48"], "snapkv": []}[name]
+    for name, want in [("streaming_llm", 4 + 16 + 1), ("h2o", 40 + 4), ("quest", 48), ("snapkv", 200 + 4)]:
+        extra = {"streaming_llm": ["--n-recent", "16"], "h2o": [], "quest": ["--budget", "48"], "snapkv": []}[name]
         kv = parse(["--kv-policy", name, *extra])[0].kv.build().describe(200, 5)
         assert kv["attended_last_step"] == want, (name, kv)

@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.selection_agreement import boundary_gap, mpc_picked, twin_levels
 from launch.local import run_parties
-from mpcache.config import MPCacheConfig
+from plaintext_ref.mpcache_config import MPCacheConfig
 from plaintext_ref.policies import mpcache as twin
 from tests.mpcache.helpers import spy_openings
 from tests.mpcache.helpers import to_lists as _lists
@@ -48,7 +48,8 @@ def _inputs(seed: int, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 def _components_job(seed: int, cfg: MPCacheConfig) -> dict:
     """Runs on each party; decoding with get_plain_text is test-only."""
     from mpcache.cache import SecretKVCache
-    from mpcache.policy.base import NullMeter, compact_cache, static_onehot
+    from mpcache.policy.base import compact_cache, static_onehot
+    from protocols.cost import NullMeter
     from mpcache.policy.mpcache import attend_selected, build_summaries, select_clusters, update_summaries
     from protocols.compat import crypten
 
@@ -143,40 +144,37 @@ FULL_BUDGET = MPCacheConfig(static_keep=1.0, cluster_sizes=(16, 8), level_ratios
 def _generate_job(ids: list[int], runs: list[tuple[MPCacheConfig | None, int]], forced: list[int]) -> dict:
     """Each party: greedy tokens per (config, n_new) (None = full cache); the first run is spied on.
     Then the first config teacher-forced on ``forced``: its logits per step (revealed: test-only)."""
-    from mpcache.generate import generate, share_tokens
-    from mpcache.model import ModelArgs, share_model
-    from mpcache.policy import FullCache, MPCache, set_policy
+    from mpcache.generate import share_tokens
+    from mpcache.model import ModelArgs
+    from mpcache.session import PrivateSession
     from plaintext_ref.models import load_model
     from protocols.compat import comm
-    from protocols.cost import CostMeter
     from protocols.selection import reset_reveals, reveal_log
 
     rank = comm.get().get_rank()
     hf, _, config = load_model("tiny-llama")
     args = ModelArgs.from_hf(config)
-    meter = CostMeter()
-    model = share_model(hf.state_dict() if rank == 1 else None, args, meter)
+    session = PrivateSession(hf.state_dict() if rank == 1 else None, args)
     out: dict = {"tokens": []}
     for i, (cfg, n_new) in enumerate(runs):
-        model.reset_caches()
-        set_policy(model, FullCache(meter) if cfg is None else MPCache(meter, cfg))
+        policy = session.policy() if cfg is None else session.policy("mpcache", config=cfg)
         reset_reveals()
         opened: list = []
         with spy_openings(opened) if i == 0 else contextlib.nullcontext():
-            gen = generate(model, ids if rank == 0 else None, len(ids), n_new, frozenset(), meter)
+            gen = session.generate(ids if rank == 0 else None, len(ids), n_new, policy=policy)
         out["tokens"].append(gen.tokens)
         if i == 0:
             out["opened"], out["audited"] = opened, reveal_log()
-    model.reset_caches()
-    set_policy(model, MPCache(meter, runs[0][0]))
-    n = len(ids)
-    steps = [model.forward(share_tokens(ids if rank == 0 else None, n, args.vocab_size), torch.arange(n))]
+    seq = session.sequence(session.policy("mpcache", config=runs[0][0]))
+    n, model = len(ids), session.model
+    steps = [model.forward(share_tokens(ids if rank == 0 else None, n, args.vocab_size), torch.arange(n), seq)]
     out["picks"] = []
     for j, t in enumerate(forced):
-        steps.append(model.forward(share_tokens([t] if rank == 0 else None, 1, args.vocab_size), torch.tensor([n + j])))
-        sel = model.layers[0].attention.policy._selection[0]  # layer 1 shares it
+        x = share_tokens([t] if rank == 0 else None, 1, args.vocab_size)
+        steps.append(model.forward(x, torch.tensor([n + j]), seq))
+        sel = seq.caches[0].aux["selection"]  # layer 1 shares it
         out["picks"].append(([None if p is None else p.get_plain_text() for p in sel.picks], sel.ranges))
-    out["static"] = model.layers[0].attention.policy._static[0].get_plain_text()[0].argmax(-1)  # layer 0 (= 1)
+    out["static"] = seq.caches[0].aux["static"].get_plain_text()[0].argmax(-1)  # layer 0 (= 1)
     out["logits"] = [x.get_plain_text()[0, 0] for x in steps]
     return _lists(out)
 
@@ -185,11 +183,13 @@ class _Recorder(twin.MPCache):
     """The twin, recording its layer-0 static scores and each decode step's (q, K) for ``_compare``."""
 
     def on_prefill(self, ctx, kv):
+        out = super().on_prefill(ctx, kv)
         if ctx.layer_idx == 0:
             w = self.config.window(kv.n)
-            attn = twin.causal_window_attention(ctx.q[:, :, -w:], kv.k, ctx.scaling, kv.valid)
+            attn = twin.window_attention(ctx.q[:, :, -w:], kv.k, ctx.scaling, kv.valid)
             self.static_scores, self.steps = twin.static_scores(attn)[0], []
-        return super().on_prefill(ctx, kv)
+            self.kept = out.aux[twin.STATIC][0]  # (K,) positions kept at layer 0
+        return out
 
     def select(self, ctx, kv):
         if ctx.phase == "decode" and ctx.layer_idx == 0:
@@ -222,8 +222,8 @@ def test_tiny_llama_tokens_match_twin_and_full_budget():
     ranked = rec.static_scores.sort(descending=True).values
     k = SMALL.n_keep(len(ids))
     rows = len(forced) + 1
-    if not torch.equal(r0["static"], rec._static[0][0]):
-        assert ranked[k - 1] - ranked[k] < 1e-2, f"static sets differ: {r0['static']} vs {rec._static[0][0]}"
+    if not torch.equal(r0["static"], rec.kept):
+        assert ranked[k - 1] - ranked[k] < 1e-2, f"static sets differ: {r0['static']} vs {rec.kept}"
         rows = 1
     for j, (picks, ranges) in enumerate(r0["picks"]):
         if j + 1 < rows and _compare(-1, {"picks": picks, "ranges": ranges}, *rec.steps[j], SMALL):
@@ -250,25 +250,24 @@ SMOL_NEW = 8
 def _smollm2_forced_job(ids: list[int], forced: list[int]) -> list[int] | None:
     """MPC MPCache on SmolLM2, teacher-forced on the twin's tokens: the MPC greedy choice per position."""
     from mpcache.generate import next_token, share_tokens
-    from mpcache.model import ModelArgs, share_model
-    from mpcache.policy import MPCache, set_policy
+    from mpcache.model import ModelArgs
+    from mpcache.session import PrivateSession
     from plaintext_ref.models import load_model
     from protocols.compat import comm
-    from protocols.cost import CostMeter
 
     rank = comm.get().get_rank()
     hf, _, config = load_model("smollm2")
     args = ModelArgs.from_hf(config)
-    meter = CostMeter()
-    model = share_model(hf.state_dict() if rank == 1 else None, args, meter)
+    session = PrivateSession(hf.state_dict() if rank == 1 else None, args)
     del hf
-    set_policy(model, MPCache(meter, SMOL))
+    model, meter = session.model, session.meter
+    seq = session.sequence(session.policy("mpcache", config=SMOL))
     n = len(ids)
-    logits = model.forward(share_tokens(ids if rank == 0 else None, n, args.vocab_size), torch.arange(n))
+    logits = model.forward(share_tokens(ids if rank == 0 else None, n, args.vocab_size), torch.arange(n), seq)
     got = [next_token(logits, frozenset(), meter)[1]]
     for i, tok in enumerate(forced[:-1]):
         x = share_tokens([tok] if rank == 0 else None, 1, args.vocab_size)
-        got.append(next_token(model.forward(x, torch.tensor([n + i])), frozenset(), meter)[1])
+        got.append(next_token(model.forward(x, torch.tensor([n + i]), seq), frozenset(), meter)[1])
     return got if rank == 0 else None
 
 

@@ -36,49 +36,45 @@ def _plain_greedy(model, ids: list[int], n_new: int) -> tuple[list[int], list[fl
 
 def _secure_job(spec: str, prompts: list[list[int]], n_new: int, probe: list[int]) -> dict:
     """Runs on each party. Revealing hidden states/logits with get_plain_text is test-only."""
-    from mpcache.generate import generate, share_tokens
-    from mpcache.model import ModelArgs, share_model
+    from mpcache.generate import share_tokens
+    from mpcache.model import ModelArgs
+    from mpcache.session import PrivateSession
     from plaintext_ref.models import load_model
     from protocols.compat import comm
-    from protocols.cost import CostMeter
     from protocols.selection import reset_reveals, reveal_log
 
     rank = comm.get().get_rank()
     hf, _, config = load_model(spec)
     args = ModelArgs.from_hf(config)
-    meter = CostMeter()
-    model = share_model(hf.state_dict() if rank == 1 else None, args, meter)
+    session = PrivateSession(hf.state_dict() if rank == 1 else None, args)
+    model = session.model
     out: dict = {"tokens": [], "opened": [], "audited": []}
     for ids in prompts:
-        model.reset_caches()
         reset_reveals()
         with spy_openings([]) as opened:
-            gen = generate(model, ids if rank == 0 else None, len(ids), n_new, frozenset(), meter)
+            gen = session.generate(ids if rank == 0 else None, len(ids), n_new)
         out["tokens"].append(gen.tokens)
         out["opened"].append(opened)
         out["audited"].append(reveal_log())
 
     # per-layer hidden states on the first prompt
-    model.reset_caches()
     hidden: list = []
     ids0 = prompts[0]
     model.forward(share_tokens(ids0 if rank == 0 else None, len(ids0), args.vocab_size),
-                  torch.arange(len(ids0)), hidden)
+                  torch.arange(len(ids0)), session.sequence(), hidden)
     out["hidden"] = [h.get_plain_text().tolist() for h in hidden]
 
     # decode with the cache vs one-shot recomputation: prompt + probe tokens
-    model.reset_caches()
-    n = len(ids0)
-    model.forward(share_tokens(ids0 if rank == 0 else None, n, args.vocab_size), torch.arange(n))
+    n, seq = len(ids0), session.sequence()
+    model.forward(share_tokens(ids0 if rank == 0 else None, n, args.vocab_size), torch.arange(n), seq)
     for i, t in enumerate(probe):
         cached = model.forward(share_tokens([t] if rank == 0 else None, 1, args.vocab_size),
-                               torch.tensor([n + i]))
-    model.reset_caches()
+                               torch.tensor([n + i]), seq)
     full = ids0 + probe
     recomputed = model.forward(share_tokens(full if rank == 0 else None, len(full), args.vocab_size),
-                               torch.arange(len(full)))
+                               torch.arange(len(full)), session.sequence())
     out["cached"], out["recomputed"] = cached.get_plain_text().tolist(), recomputed.get_plain_text().tolist()
-    out["costs"] = meter.aggregate().to_dict()
+    out["costs"] = session.costs().to_dict()
     return out
 
 
@@ -137,16 +133,15 @@ def test_secure_model_matches_plaintext(spec):
 
 
 def _smollm2_job(ids: list[int], n_new: int) -> list[int] | None:
-    from mpcache.generate import generate
-    from mpcache.model import ModelArgs, share_model
+    from mpcache.model import ModelArgs
+    from mpcache.session import PrivateSession
     from plaintext_ref.models import load_model
     from protocols.compat import comm
-    from protocols.cost import CostMeter
     rank = comm.get().get_rank()
     hf, _, config = load_model("smollm2")
-    model = share_model(hf.state_dict() if rank == 1 else None, ModelArgs.from_hf(config), CostMeter())
+    session = PrivateSession(hf.state_dict() if rank == 1 else None, ModelArgs.from_hf(config))
     del hf
-    return generate(model, ids if rank == 0 else None, len(ids), n_new, frozenset(), CostMeter()).tokens
+    return session.generate(ids if rank == 0 else None, len(ids), n_new).tokens
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from launch.local import run_parties
-from mpcache.config import MPCacheConfig
+from plaintext_ref.mpcache_config import MPCacheConfig
 from plaintext_ref.policies import mpcache as twin
 
 pytestmark = pytest.mark.mpc
@@ -29,38 +29,34 @@ def _job(ids: list[int], chunks: list[int]) -> dict:
     """Per chunk size: simulation prefill, static set, next-step logits; then a real MPC prefill."""
     from benchmarks.mpcache_cost import plaintext_kv
     from mpcache.generate import share_tokens
-    from mpcache.model import ModelArgs, share_model
-    from mpcache.policy import MPCache, set_policy, simulate
+    from mpcache.model import ModelArgs
+    from mpcache.policy import MPCache, simulate
+    from mpcache.session import PrivateSession
     from plaintext_ref.models import load_model
     from protocols.compat import comm
-    from protocols.cost import CostMeter
 
     rank = comm.get().get_rank()
     hf, _, config = load_model("tiny-llama")
     args = ModelArgs.from_hf(config)
-    model = share_model(hf.state_dict() if rank == 1 else None, args, CostMeter())
+    session = PrivateSession(hf.state_dict() if rank == 1 else None, args)
     n = len(ids)
     out: dict = {"static": [], "logits": []}
 
-    def step() -> None:
+    def step(seq) -> None:
         x = share_tokens([NEXT] if rank == 0 else None, 1, args.vocab_size)
-        out["logits"].append(model.forward(x, torch.tensor([n]))[0, 0].get_plain_text().tolist())
-        out["static"].append([policy._static[layer].get_plain_text()[0].argmax(-1).tolist()
-                              for layer in range(args.n_layers)])
+        out["logits"].append(session.model.forward(x, torch.tensor([n]), seq)[0, 0].get_plain_text().tolist())
+        out["static"].append([cache.aux["static"].get_plain_text()[0].argmax(-1).tolist() for cache in seq.caches])
 
     for chunk in chunks:
-        policy = MPCache(None, CFG)
-        set_policy(model, policy)
+        seq = session.sequence(MPCache(None, CFG))
         simulate.CHUNK_ELEMENTS = chunk
-        rec = plaintext_kv(hf, ids, policy.window(n)) if rank == 0 else None
-        simulate.prefill_from_plaintext_kv(model, n, [(k, v) for k, v, _ in rec] if rec else None,
+        rec = plaintext_kv(hf, ids, seq.policy.window(n)) if rank == 0 else None
+        simulate.prefill_from_plaintext_kv(session.model, seq, n, [(k, v) for k, v, _ in rec] if rec else None,
                                            [q for _, _, q in rec] if rec else None)
-        step()
-    policy = MPCache(None, CFG)
-    set_policy(model, policy)
-    model.reset_caches()
-    model.forward(share_tokens(ids if rank == 0 else None, n, args.vocab_size), torch.arange(n))
-    step()
+        step(seq)
+    seq = session.sequence(MPCache(None, CFG))
+    session.model.forward(share_tokens(ids if rank == 0 else None, n, args.vocab_size), torch.arange(n), seq)
+    step(seq)
     return out
 
 
@@ -69,9 +65,11 @@ class _Twin(twin.MPCache):
 
     def on_prefill(self, ctx, kv):
         w = self.config.window(kv.n)
-        attn = twin.causal_window_attention(ctx.q[:, :, -w:], kv.k, ctx.scaling, kv.valid)
+        attn = twin.window_attention(ctx.q[:, :, -w:], kv.k, ctx.scaling, kv.valid)
         self.__dict__.setdefault("scores", {})[ctx.layer_idx] = twin.static_scores(attn)[0]
-        return super().on_prefill(ctx, kv)
+        out = super().on_prefill(ctx, kv)
+        self.__dict__.setdefault("kept", {})[ctx.layer_idx] = out.aux[twin.STATIC]  # (B, K)
+        return out
 
 
 def test_simulation_prefill_matches_twin_and_real_prefill():
@@ -89,7 +87,7 @@ def test_simulation_prefill_matches_twin_and_real_prefill():
     for run, (static, logits) in enumerate(zip(got["static"], got["logits"])):
         exact = True
         for layer, kept in enumerate(static):
-            want = ref._static[layer][0].tolist()
+            want = ref.kept[layer][0].tolist()
             if kept != want:
                 ranked = ref.scores[layer].sort(descending=True).values
                 gap = (ranked[k - 1] - ranked[k]).item()

@@ -1,4 +1,4 @@
-"""Stock-CrypTen mode (``share_model(fixed_masks=False)``) on real parties, tiny-llama.
+"""Stock-CrypTen mode (``PrivateSession(fixed_masks=False)``) on real parties, tiny-llama.
 
 Same greedy tokens as the fixed-mask model, and a per-token decode that opens more (the weights and
 K/V on every product), while its set-up opens nothing.
@@ -16,20 +16,17 @@ N_NEW = 3
 
 
 def _job(fixed_masks: bool) -> dict:
-    from mpcache.generate import generate
-    from mpcache.model import ModelArgs, share_model
+    from mpcache.model import ModelArgs
+    from mpcache.session import PrivateSession
     from plaintext_ref.models import load_model
     from protocols.compat import comm
-    from protocols.cost import CostMeter
 
     rank = comm.get().get_rank()
     hf, _, config = load_model("tiny-llama")
-    args = ModelArgs.from_hf(config)
-    meter = CostMeter()
-    with meter.phase("setup"):
-        model = share_model(hf.state_dict() if rank == 1 else None, args, meter, fixed_masks=fixed_masks)
-    gen = generate(model, PROMPT if rank == 0 else None, len(PROMPT), N_NEW, frozenset(), meter)
-    report = meter.aggregate()
+    session = PrivateSession(hf.state_dict() if rank == 1 else None, ModelArgs.from_hf(config),
+                             fixed_masks=fixed_masks)
+    gen = session.generate(PROMPT if rank == 0 else None, len(PROMPT), N_NEW)
+    report = session.costs()
     return {"tokens": gen.tokens, "setup": report.row("setup").wire_bytes,
             "decode": report.row("decode").per_token().wire_bytes}
 

@@ -38,8 +38,8 @@ class _Spy(KVPolicy):
     def needs(self) -> frozenset[str]:
         return self.inner.needs
 
-    def reset(self) -> None:
-        self.inner.reset()
+    def shares_with(self, layer_idx, num_layers):
+        return self.inner.shares_with(layer_idx, num_layers)
 
     def select(self, ctx, kv):
         mask = self.inner.select(ctx, kv)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mpcache.config import MPCacheConfig
+from plaintext_ref.mpcache_config import MPCacheConfig, config_for_budget
 from plaintext_ref.policies import mpcache as mm
 
 LENGTHS = [1, 5, 31, 32, 33, 40, 777, 1000, 1013, 1024]
@@ -79,9 +79,12 @@ def test_config_validation_and_sharing():
 
 
 # ---- the policy inside HF generation (tiny random models) -------------------------------------
+from dataclasses import fields  # noqa: E402
+
 from plaintext_ref import runtime  # noqa: E402
 from plaintext_ref.policies import get_policy  # noqa: E402
-from plaintext_ref.policies.mpcache import MPCache, config_for_budget  # noqa: E402
+from plaintext_ref.policies.mpcache import DYNAMIC, STATIC, MPCache  # noqa: E402
+from tests.plaintext_ref.helpers import interleaved, prefill, same_snapshots  # noqa: E402
 
 
 def _prompt(tok, n=150, seed=0):
@@ -102,24 +105,42 @@ def test_static_eviction_keeps_public_count_and_shares_indices(tiny_llama):
     model, tok, _ = tiny_llama
     ids = _prompt(tok, n=200, seed=1)
     cfg = MPCacheConfig(static_keep=0.3, share_start=0)     # tiny model: layers (0, 1) share
-    policy = MPCache(config=cfg)
-    runtime.generate(model, ids, policy, max_new_tokens=1)
-    kept = policy._static
-    assert set(kept) == {0, 1} and kept[0].shape == (1, cfg.n_keep(200))
+    cache = prefill(model, ids, MPCache(config=cfg))
+    kept = [cache.kv(layer).aux[STATIC] for layer in range(2)]
+    assert kept[0].shape == (1, cfg.n_keep(200)) and torch.equal(cache.kv(0).pos[:, 0], kept[0])
     assert torch.equal(kept[0], kept[1]) and (kept[0].diff(dim=-1) > 0).all()
 
 
 def test_decode_selection_matches_math_and_budget(tiny_llama):
     model, tok, _ = tiny_llama
-    ids = _prompt(tok, n=300, seed=2)
+    ids = _prompt(tok, n=305, seed=2)
     policy = MPCache(config=MPCacheConfig(share_layers=False))
-    out = runtime.generate(model, ids, policy, max_new_tokens=5)
-    assert out.shape[1] == 305
-    for layer, mask in policy._dynamic.items():
-        t = mask.shape[-1]
-        assert t == policy.config.n_keep(300) + 4          # compacted prompt + generated so far
-        assert (mask.sum(-1) <= policy.config.selected_tokens(t)).all()
-        assert mask[..., 0].all() and mask[..., -1].all()
+    (_, snaps), = interleaved(model, policy, [(ids, 300)])
+    for j, snap in enumerate(snaps[1:], start=1):             # the decode steps
+        for layer in snap:
+            mask = layer[DYNAMIC]
+            t = mask.shape[-1]
+            assert t == policy.config.n_keep(300) + j          # compacted prompt + tokens fed so far
+            assert (mask.sum(-1) <= policy.config.selected_tokens(t)).all()
+            assert mask[..., 0].all() and mask[..., -1].all()
+
+
+def test_interleaved_sequences_match_separate_runs(tiny_llama):
+    """One MPCache object, two sequences advanced in turn: each gets exactly its lone run's selections and logits."""
+    model, tok, _ = tiny_llama
+    policy = MPCache(config=MPCacheConfig(share_start=0))    # tiny-llama: layer 1 reuses layer 0's choices
+    runs = [(_prompt(tok, n=308, seed=3), 300), (_prompt(tok, n=262, seed=4), 256)]
+    together = interleaved(model, policy, runs)
+    for (ids, p), (logits, snaps) in zip(runs, together):
+        alone_logits, alone_snaps = interleaved(model, policy, [(ids, p)])[0]
+        assert torch.equal(logits, alone_logits)
+        assert torch.equal(logits, runtime.teacher_forced_logits(model, ids, p, policy))
+        assert same_snapshots(snaps, alone_snaps)
+        for snap in snaps:
+            assert torch.equal(snap[0][STATIC], snap[1][STATIC])
+            assert DYNAMIC not in snap[0] or torch.equal(snap[0][DYNAMIC], snap[1][DYNAMIC])
+        assert not snaps[-1][0][DYNAMIC].all()                      # the dynamic selection is not vacuous
+    assert {f.name for f in fields(policy)} == set(vars(policy))   # no per-sequence state on the policy
 
 
 def test_registry_and_budget_mapping():

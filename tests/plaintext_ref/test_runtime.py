@@ -14,13 +14,16 @@ from torch import Tensor
 
 from plaintext_ref.models import load_model
 from plaintext_ref.policies import (
+    DELTA,
     POLICIES,
     Budget,
+    Keyformer,
     KVPolicy,
     LayerKV,
     StepCtx,
     StreamingLLM,
     TopKEviction,
+    WindowKV,
     gather_kv,
     get_policy,
     gqa_aggregate,
@@ -28,6 +31,7 @@ from plaintext_ref.policies import (
     window_attention,
 )
 from plaintext_ref.runtime import ATTN_NAME, RefCache, generate, teacher_forced_logits
+from tests.plaintext_ref.helpers import interleaved, prefill, same_snapshots
 
 ATOL = 1e-4
 
@@ -257,6 +261,47 @@ def test_needs_unsupported_raises(tiny_llama):
         needs = frozenset({"hidden"})
     with pytest.raises(ValueError, match="hidden"):
         RefCache(tiny_llama.model, NeedsHidden())
+
+
+@dataclass
+class _Partnered(KVPolicy):
+    """Layer 1 shares with layer ``src``; records the partner every select receives."""
+    src: int = 0
+    seen: list | None = None
+
+    def shares_with(self, layer_idx, num_layers):
+        return self.src if layer_idx == 1 else None
+
+    def select(self, ctx, kv):
+        self.seen.append((ctx.layer_idx, ctx.partner))
+        return None
+
+
+def test_partner_is_the_shared_layers_kv(tiny_llama):
+    ids = _prompt(1, 12, seed=9)
+    policy = _Partnered(seen=[])
+    cache = prefill(tiny_llama.model, ids, policy)
+    assert policy.seen[0] == (0, None) and policy.seen[1][0] == 1 and policy.seen[1][1] is cache.kv(0)
+    with pytest.raises(AssertionError, match="shares with layer 1"):
+        prefill(tiny_llama.model, ids, _Partnered(src=1, seen=[]))
+
+
+SHARING = {   # tiny-llama (2 layers): layer 1 reads state that layer 0 keeps in its LayerKV.aux
+    "keyformer": lambda: Keyformer(budget=0.5, seed=3),
+    "delta": lambda: DELTA(budget=12, full_layers=(0,), page_size=4, recent_pages=2),
+    "windowkv": lambda: WindowKV(budget=20, review_window_size=4, suffix_size=6, shared_layers=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARING))
+def test_interleaved_sequences_keep_their_shared_state(tiny_llama, name):
+    """One policy object, two sequences advanced in turn: each run equals the same run alone, bit for bit."""
+    model, policy = tiny_llama.model, SHARING[name]()
+    runs = [(_prompt(2, 60, seed=1), 48), (_prompt(1, 45, seed=2), 36)]
+    for (ids, p), (logits, snaps) in zip(runs, interleaved(model, policy, runs)):
+        alone_logits, alone_snaps = interleaved(model, policy, [(ids, p)])[0]
+        assert torch.equal(logits, alone_logits) and same_snapshots(snaps, alone_snaps)
+        assert not torch.equal(logits, teacher_forced_logits(model, ids, p)), "the budget changed nothing"
 
 
 # ---------------------------------------------------------------- TopKEviction / Budget units

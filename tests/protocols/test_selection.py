@@ -38,9 +38,9 @@ def _job(seed: int, cases) -> dict[str, float]:
         got = dec(sel.topk_onehot(sx, k, sort_by_index=False))
         err[f"onehot val n={n} k={k}"] = (got - by_val).abs().max().item()
         v = torch.randn(2, 3, n, 4, generator=gen)
-        kept = dec(sel.compact(sel.topk_onehot(sx, k), enc(v)))
+        kept = dec(sel.onehot_gather(sel.topk_onehot(sx, k), enc(v)))
         ref = torch.gather(v, 2, top.sort(-1).values.unsqueeze(-1).expand(-1, -1, -1, 4))
-        err[f"compact n={n} k={k}"] = (kept - ref).abs().max().item() - 2e-5  # encoding of v
+        err[f"onehot_gather n={n} k={k}"] = (kept - ref).abs().max().item() - 2e-5  # encoding of v
         err[f"argmax n={n}"] = (dec(sel.argmax_onehot(sx)) - F.one_hot(x.argmax(-1), n).float()).abs().max().item()
         err[f"tree_max n={n}"] = (dec(sel.tree_max(sx, dim=-1)) - x.amax(-1)).abs().max().item() - 2e-5
     # ties: exactly one 1 at the lowest tied index; exactly k ones in the mask

@@ -15,11 +15,15 @@ obliviously or is a bug (mpcache.md §9):
    neither 1/√D nor a causal mask, quirk 1).
 5. GQA (not in the paper): selection is per KV head; the score of a cluster for a KV head is the mean
    over its G query heads, computed as ``mean_g(q_g) · k̃`` (linear, so one dot product per cluster).
+6. The last, partial cluster of a level summarises its real tokens only (the authors pad it with
+   copies of tokens of the previous cluster).
+
+Owned by the plaintext side (no MPC imports); the MPC policy imports it, never the reverse.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -130,3 +134,17 @@ class MPCacheConfig:
         if (layer - self.share_start) % 2 == 1 and (layer - 1) not in self.share_exclude:
             return layer - 1
         return None
+
+
+def config_for_budget(budget: float, base: MPCacheConfig | None = None) -> MPCacheConfig:
+    """An MPCacheConfig attending about ``budget``·T0 tokens per decode step.
+
+    static_keep = max(base.static_keep, 2·budget) (capped at 1), level-1 ratio 0.5 and the level-2
+    ratio = budget / static_keep, so (k2 + forced)·16 ≈ budget·T0 (authors: 30 % × 20 % = 6 %).
+    """
+    base = base or MPCacheConfig()
+    if not 0 < budget <= 1:
+        raise ValueError(f"MPCache budget is the fraction attended, in (0, 1]; got {budget}")
+    keep = min(1.0, max(float(base.static_keep) if base.static_keep <= 1 else 0.3, 2 * budget))
+    ratio2 = min(base.level_ratios[0], budget / keep)
+    return replace(base, static_keep=keep, level_ratios=(base.level_ratios[0], ratio2))
