@@ -24,6 +24,7 @@ from plaintext_ref.eval.runner import FULL, evaluate, policy_factory
 from plaintext_ref.eval.tasks import PROSE_TASKS
 from plaintext_ref.models import load_model
 from plaintext_ref.policies import POLICIES
+from plaintext_ref.policies.quant import cache_bytes
 
 log = logging.getLogger("kv_quality")
 REPORTS = Path(__file__).resolve().parent / "reports"
@@ -32,11 +33,16 @@ TASKS = "passkey,niah,niah_multikey,vt,cwe,ppl,fidelity"
 POLICY_ARGS: dict[str, dict] = {
     "shadowkv": {"min_prompt": 0},  # the paper's default leaves prompts <= 4096 tokens dense
     "razor_attention": {"min_window": 0},  # the paper's 4000-token floor would leave 4K prompts whole
+    # NOSA's 64-token blocks and 16-block window would fill a 5-20% budget of 4K with the window alone
+    "nosa": {"block_size": 16, "local_blocks": 4, "query_blocks": 4, "compress_kernel": 8, "compress_stride": 4},
 }
 # Methods whose `budget` is not a token fraction (stated in the report).
 BUDGET_MEANING: dict[str, str] = {
     "think": "fraction of key channels kept (all tokens kept)",
+    "mikv": "fraction of the prompt kept at full precision (the rest quantized, none dropped)",
 }
+# Methods that take no budget (fixed bit widths): one cell each, at their paper defaults.
+NO_BUDGET = {"kivi", "vidkv"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,7 +67,7 @@ def cells(args) -> list[tuple[str, float | None]]:
     if unknown:
         raise ValueError(f"unknown policies {unknown}; known: {', '.join(sorted(POLICIES))}")
     budgets = [float(b) for b in args.budgets.split(",")]
-    return [(FULL, None)] + [(n, b) for n in names for b in budgets]
+    return [(FULL, None)] + [(n, b) for n in names for b in ([None] if n in NO_BUDGET else budgets)]
 
 
 def run_cell(model, tok, name: str, budget: float | None, args, corpus_ids) -> dict:
@@ -69,6 +75,7 @@ def run_cell(model, tok, name: str, budget: float | None, args, corpus_ids) -> d
     row: dict = {"policy": name, "budget": budget, "scores": {}, "seconds": 0.0}
     try:
         make = policy_factory(name, budget, **POLICY_ARGS.get(name, {}))
+        row["kv_bytes"] = cache_bytes(make(), model.config, args.length)  # None for eviction/selection methods
         for task in args.tasks.split(","):
             if task in PROSE_TASKS and corpus_ids is None:
                 continue
@@ -95,19 +102,22 @@ def to_markdown(report: dict) -> str:
              f"seed {report['config']['seed']}. Budget = fraction of the context kept (attended for "
              "selection methods). passkey/niah/niah_multikey/vt/cwe: accuracy (string match); ppl: "
              "perplexity (lower is better); fidelity: teacher-forced KL(full ‖ method) (lower is better) "
-             "and top-1 agreement with the full cache. "
+             "and top-1 agreement with the full cache. kv bytes: the whole KV cache after a prefill of the "
+             "context (fp16 for full-precision values, quantization codes at their bit width plus fp16 scales "
+             "and zero points), for the full cache and the quantization methods. "
              + " ".join(f"{k}: budget = {v}." for k, v in BUDGET_MEANING.items())
              + " Per-method settings: " + ", ".join(f"{k} {v}" for k, v in POLICY_ARGS.items()) + ".",
              "",
-             "| method | budget | " + " | ".join(cols) + " | seconds |",
-             "|---|---|" + "---|" * len(cols) + "---|"]
+             "| method | budget | " + " | ".join(cols) + " | kv bytes | seconds |",
+             "|---|---|" + "---|" * len(cols) + "---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['policy']} | {r['budget']} | error: {r['error'][:80]} |" + " |" * len(cols))
+            lines.append(f"| {r['policy']} | {r['budget']} | error: {r['error'][:80]} |" + " |" * (len(cols) + 1))
             continue
         vals = [f"{r['scores'][c]:.3g}" if c in r["scores"] else "–" for c in cols]
-        budget = "full" if r["budget"] is None else f"{r['budget']:.0%}"
-        lines.append(f"| {r['policy']} | {budget} | " + " | ".join(vals) + f" | {r['seconds']:.0f} |")
+        budget = ("full" if r["policy"] == FULL else "–") if r["budget"] is None else f"{r['budget']:.0%}"
+        kv_bytes = "–" if r.get("kv_bytes") is None else f"{r['kv_bytes']:,.0f}"
+        lines.append(f"| {r['policy']} | {budget} | " + " | ".join(vals) + f" | {kv_bytes} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

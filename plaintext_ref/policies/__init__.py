@@ -12,9 +12,9 @@ from plaintext_ref.policies.base import (
     Scorer,
     StepCtx,
     TopKEviction,
-    compact,
     gather_kv,
     gqa_aggregate,
+    keep_slots,
     protected_slots,
     window_attention,
 )
@@ -35,6 +35,11 @@ from plaintext_ref.policies.think import ThinK
 from plaintext_ref.policies.tokenselect import TokenSelect
 from plaintext_ref.policies.tova import TOVA
 from plaintext_ref.policies.windowkv import WindowKV
+from plaintext_ref.policies.kvmerger import KVMerger
+from plaintext_ref.policies.nosa import NOSA
+from plaintext_ref.policies.kivi import KIVI
+from plaintext_ref.policies.mikv import MiKV
+from plaintext_ref.policies.vidkv import VidKV
 
 POLICIES: dict[str, type[KVPolicy]] = {}
 
@@ -63,6 +68,11 @@ register("expected_attention", ExpectedAttention)
 register("think", ThinK)
 register("razor_attention", RazorAttention)
 register("windowkv", WindowKV)
+register("kvmerger", KVMerger)
+register("nosa", NOSA)
+register("kivi", KIVI)
+register("mikv", MiKV)
+register("vidkv", VidKV)
 
 
 def get_policy(name: str, **kwargs) -> KVPolicy:
@@ -74,5 +84,7 @@ def get_policy(name: str, **kwargs) -> KVPolicy:
 
 __all__ = ["Budget", "DELTA", "ExpectedAttention", "FullCache", "H2O", "KNorm", "KVPolicy", "Keyformer", "LayerKV",
            "MPCache", "POLICIES", "PyramidKV", "Quest", "RazorAttention", "Scorer", "ShadowKV", "SnapKV", "StepCtx",
-           "StreamingLLM", "TOVA", "ThinK", "TokenSelect", "TopKEviction", "WindowKV", "compact", "gather_kv",
-           "get_policy", "gqa_aggregate", "protected_slots", "register", "window_attention"]
+           "StreamingLLM", "TOVA", "ThinK", "TokenSelect", "TopKEviction", "WindowKV", "gather_kv",
+           "get_policy", "gqa_aggregate", "keep_slots", "protected_slots", "register", "window_attention"]
+__all__ += ["KVMerger", "NOSA"]
+__all__ += ["KIVI", "MiKV", "VidKV"]
