@@ -35,15 +35,35 @@ $(CORPUS):
 	(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc >/dev/null) \
 	  || echo "warning: could not install python3.11-doc; prose perplexity tasks will be skipped"
 
+# Headless Chromium + its WebDriver for the demo server's browser test (tests/mpcache/test_server_browser.py).
+CHROMEDRIVER := /usr/bin/chromedriver
+$(CHROMEDRIVER):
+	(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	  || echo "warning: could not install chromium + chromium-driver; the demo server's browser test will be skipped"
+
 # The prompt goes on standard input, which mpirun forwards to rank 0 (the client) only.
 demo: setup
 	echo "What is the capital of France?" | $(MPIRUN) -n 2 $(PY) -m mpcache.launch --max-new-tokens 6
 
 test: setup
 	$(PY) -m pytest -q
+test: $(CHROMEDRIVER)
 
 bench: setup
 	$(PY) -m benchmarks.secure_inference
 
+# The demo server (the page at http://127.0.0.1:8000/); flags: .venv/bin/python -m mpcache.server --help
+.PHONY: serve
+serve: setup
+	$(PY) -m mpcache.server
+
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Measured LAN/WAN latency next to the projection, over emulated networks (needs root + iproute2;
+# benchmarks/network.py). Bigger machines: make report LENGTHS=512,1024,2048,4096,8192
+LENGTHS ?= 512,1024
+REPORT_FLAGS ?=
+.PHONY: report
+report: setup
+	$(PY) -m benchmarks.network --lengths $(LENGTHS) $(REPORT_FLAGS)
