@@ -300,7 +300,7 @@ def _write(data: dict, out: Path, t0: float) -> int:
     from benchmarks import network_report
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1))
-    out.with_suffix(".md").write_text(network_report.markdown(data))
+    out.with_suffix(".md").write_text(network_report.markdown(data, out.stem))
     made = network_report.plots(data, out)
     log.info("wrote %s, %s and %s in %.0f s", out, out.with_suffix(".md"), made, time.perf_counter() - t0)
     return 0

@@ -21,14 +21,19 @@ def _rec(policy: str, length: int, wan_s: float) -> dict:
             "decode": {p: _cost(50e6, 600, 4.0) for p in PROFILES}}
 
 
+PRIMS = {"loopback": {"all_reduce 32 B": 0.001}, "LAN": {"all_reduce 32 B": 0.003},
+         "WAN": {"all_reduce 32 B": 0.081}}  # 2 RTT per all_reduce on both
+
+
 def test_summarise_projects_from_the_loopback_steps():
-    r = summarise(_rec("full", 512, 70.0), {"profiles": PROFILES})
+    r = summarise(_rec("full", 512, 70.0), {"profiles": PROFILES, "primitives": PRIMS})
     assert r["measured_s"] == {"loopback": 5.0, "LAN": 6.0, "WAN": 71.0}
     assert r["projected_s"]["WAN"] == pytest.approx(4.0 + 8 * 50e6 / 100e6 + 600 * 40e-3)
     assert r["projected_network_s"]["LAN"] == pytest.approx(8 * 50e6 / 1e9 + 600 * 1e-3)
     assert r["network_s"]["WAN"] == pytest.approx(66.5)  # median of the paired steps: 70 − 5, 72 − 4
     assert r["anchored_s"]["WAN"] == pytest.approx(5.0 + 8 * 50e6 / 100e6 + 600 * 40e-3)
-    assert r["rtts_per_round"]["WAN"] == pytest.approx((66.5 - 4.0) / 600 / 40e-3)
+    assert r["rtts_per_round"]["WAN"] == pytest.approx((66.5 - 2.0) / 600 / 40e-3)  # bytes: half each way
+    assert r["calibrated_s"]["WAN"] == pytest.approx(5.0 + 8 * 25e6 / 100e6 + 600 * 2.0 * 40e-3)
     assert "loopback" not in r["projected_s"]
 
 
