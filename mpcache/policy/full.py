@@ -2,7 +2,7 @@
 
 Rule: softmax([q] [K]ᵀ + causal mask) [V] over the whole cache; nothing is evicted or selected.
 Public: T. Cost per step and layer: two fixed-mask matmuls (open |q| + |P| elements) and one softmax
-over T (≈ 1.25 kB per element and 9·⌈log2 T⌉ + 34 rounds). Same math as ``mpcache.cache.FullCachePolicy``.
+over T (≈ 1.25 kB per element and 9·⌈log2 T⌉ + 34 rounds). This is ``MPCPolicy``'s default prefill and decode (``full_attention``).
 """
 from __future__ import annotations
 
