@@ -51,19 +51,32 @@ def differences(mine: Mapping[str, object], theirs: Mapping[str, object]) -> lis
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def agree(options: Mapping[str, object], n_parties: int = 2) -> None:
+class InputRejected(LaunchError):
+    """Some rank rejected its own input (it printed why itself); every rank stops, exit code 2."""
+
+
+def agree(options: Mapping[str, object], n_parties: int = 2, rejected: bool = False) -> None:
     """Collective over ``MPI.COMM_WORLD``: raise the same ``LaunchError`` on every rank if any rank's
-    ``options`` differ from rank 0's (call under a deadline: it waits for every rank)."""
+    ``options`` differ from rank 0's, ``InputRejected`` if any rank ``rejected`` its own input (call
+    under a deadline: it waits for every rank).
+
+    A rank whose input is bad still comes here rather than exiting before ``MPI_Init``: Open MPI
+    5.0.11's prterun can crash (SIGSEGV, "PMIX_ERR_UNREACH") when one rank exits while the others
+    are still connecting. Only the flag travels, never the rejected input or the reason.
+    """
     from mpi4py import MPI
     world = MPI.COMM_WORLD
-    gathered = world.gather(dict(options), root=0)
-    error = None
+    gathered = world.gather((dict(options), rejected), root=0)
+    error, who = None, []
     if world.Get_rank() == 0:
+        who = [describe_rank(r, n_parties) for r, (_, bad) in enumerate(gathered) if bad]
         problems = [f"{describe_rank(r, n_parties)}: {'; '.join(d)}"
-                    for r, theirs in enumerate(gathered) if (d := differences(options, theirs))]
+                    for r, (theirs, _) in enumerate(gathered) if (d := differences(options, theirs))]
         if problems:
             error = ("the ranks were given different public options (rank 0's value vs theirs) — "
                      + " | ".join(problems))
-    error = world.bcast(error, root=0)
+    error, who = world.bcast((error, who), root=0)
+    if who:
+        raise InputRejected(f"stopped before any work: {', '.join(who)} rejected its input")
     if error:
         raise LaunchError(error)

@@ -21,7 +21,7 @@ import threading
 from dataclasses import replace
 from typing import Callable, Mapping
 
-from launch.agreement import agree
+from launch.agreement import InputRejected, agree
 from launch.config import LaunchConfig
 from launch.errors import ExitCode, LaunchError, NotUnderMPI, PeerLost
 from launch.mpi import N_PARTIES, Topology, discover, env_rank
@@ -67,22 +67,27 @@ def _one_line(err: BaseException) -> str:
 def run_role(main: Callable[[Topology], object], cfg: LaunchConfig, *,
              prog: str = "python -m mpcache.launch",
              dealer_main: Callable[[], object] | None = None, verbose: bool = False,
-             public: Mapping[str, object] | None = None) -> int:
+             public: Mapping[str, object] | None = None, rejected: bool = False) -> int:
     """Run this rank's role; return its exit code (0 ok) for the caller to ``sys.exit`` with.
 
     ``main(topology)`` runs on both computing parties after ``crypten.init()``; ``dealer_main``
     (default: CrypTen's ``TTPServer``) runs on rank 2 of ``mpirun -n 3`` until party 0 shuts down.
     ``public``: this rank's public options; every rank must have been given the same (else all
-    stop with one line naming the differences, exit code 2).
+    stop with one line naming the differences, exit code 2). ``rejected``: this rank's own input
+    failed its checks (it printed why); it still joins the rendezvous so that all ranks stop together.
     """
     try:
         with deadline(cfg.timeout_s, "MPI rendezvous broadcast"):
             topo = discover(cfg, prog)
             if public is not None:
-                agree(public, N_PARTIES)
+                agree(public, N_PARTIES, rejected=rejected)
     except NotUnderMPI as err:
         print(str(err), file=sys.stderr)
         return int(ExitCode.USAGE)
+    except InputRejected as err:  # the rejecting rank said why; rank 0 says who, unless it was it
+        if env_rank() in (0, None) and not rejected:
+            print(f"mpcache: {_one_line(err)}", file=sys.stderr)
+        return int(err.code)
     except LaunchError as err:  # every rank hit the same check: rank 0 says so
         if env_rank() in (0, None):
             print(f"mpcache: {_one_line(err)}", file=sys.stderr)

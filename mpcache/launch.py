@@ -24,7 +24,7 @@ from pathlib import Path
 from launch.agreement import code_digest, options_digest
 from launch.banner import PublicInfo, banner, security_mode
 from launch.config import LaunchConfig, add_arguments, from_args
-from launch.errors import ExitCode, LaunchError, describe_rank
+from launch.errors import LaunchError, describe_rank
 from launch.mpi import Topology, env_rank, under_mpi
 from launch.role import run_role
 from mpcache.options import PolicyOptions, add_policy_arguments, policy_options
@@ -371,13 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     protocol = ProtocolConfig()
     public = opts.public(protocol)  # at start: the code digest is of the code this rank started with
     digest = options_digest(public)
-    mine = None
+    mine, rejected = None, False
     if under_mpi():
         try:
             mine = _role_input(opts, cfg)
-        except ValueError as err:
+        except ValueError as err:  # said at once; the rank still joins so that all stop together
             print(f"mpcache: {describe_rank(env_rank() or 0)}: {err}", file=sys.stderr, flush=True)
-            return int(ExitCode.USAGE)
+            rejected = True
 
     def party(topo: Topology) -> None:
         with protocol_context(protocol):
@@ -387,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         from protocols.dealer import serve
         serve(protocol)
 
-    return run_role(party, cfg, dealer_main=dealer, verbose=opts.log_level == "debug", public=public)
+    return run_role(party, cfg, dealer_main=dealer, verbose=opts.log_level == "debug", public=public,
+                    rejected=rejected)
 
 
 if __name__ == "__main__":
