@@ -102,3 +102,34 @@ def _patch_decoder() -> None:
 
 
 _patch_decoder()
+
+
+def _patch_truncation() -> None:
+    """2-party division by a public integer follows ``ProtocolConfig.truncation``.
+
+    ``"exact"`` (default): ``protocols.truncation.exact_div_`` (1 round, no wrap errors); ``"local"``:
+    CrypTen's local share truncation. More than 2 parties keep CrypTen's own protocol.
+    """
+    from crypten.common.tensor_types import is_float_tensor, is_int_tensor
+    from crypten.mpc.primitives import ArithmeticSharedTensor
+
+    stock = ArithmeticSharedTensor.div_
+
+    def div_(self, y):
+        if isinstance(y, float) and int(y) == y:
+            y = int(y)
+        if is_float_tensor(y) and y.frac().eq(0).all():
+            y = y.long()
+        if (isinstance(y, int) or is_int_tensor(y)) and comm.get().get_world_size() == 2 \
+                and not crypten.cfg.debug.validation_mode:
+            from protocols import truncation
+            from protocols.config import active_config
+            if active_config().truncation == "exact":
+                return truncation.exact_div_(self, y)
+            return truncation.local_div_(self, y)
+        return stock(self, y)
+
+    ArithmeticSharedTensor.div_ = div_
+
+
+_patch_truncation()

@@ -70,6 +70,10 @@ class ProtocolConfig:
         2^−precision_bits); their products use precision_bits + this of the 63 bits.
     mask_fill : float, default 1024.0
         Masked softmax logits become −this before the row max (real logits must be > −this).
+    truncation : str, default "exact"
+        2-party division by a public integer (every product's rescaling): ``"exact"`` =
+        ``protocols.truncation`` (1 round, never a wrap error); ``"local"`` = CrypTen's local share
+        truncation (0 rounds, off by 2^32 ulps w.p. ≈ |v|/2^32 per product of value v).
     """
 
     precision_bits: int = 16
@@ -91,6 +95,7 @@ class ProtocolConfig:
     norm_coarse_octaves: tuple[int, int] = (-7, 15)
     coef_frac_bits: int = 20
     mask_fill: float = 1024.0
+    truncation: str = "exact"
 
     def __post_init__(self) -> None:
         _check(8 <= self.precision_bits <= 30, "precision_bits must be in [8, 30]", self.precision_bits)
@@ -120,6 +125,7 @@ class ProtocolConfig:
         _check(1 <= self.coef_frac_bits <= 62 - self.precision_bits,
                "coef_frac_bits must be in [1, 62 - precision_bits]", self.coef_frac_bits)
         _check(self.mask_fill > 0, "mask_fill must be > 0", self.mask_fill)
+        _check(self.truncation in ("exact", "local"), 'truncation must be "exact" or "local"', self.truncation)
 
     def crypten_overrides(self) -> dict[str, object]:
         """The dotted ``crypten.cfg`` keys this config sets."""

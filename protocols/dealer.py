@@ -161,6 +161,11 @@ class DealerMasks(FixedMaskProvider):
         if comm.get().get_rank() == 0:
             self._request("fm_select", None, key, new_key, dim, index.tolist())
 
+    def request_trunc(self, size: Size, d: int | list, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Party 0's shares of (⌊r_u/d⌋, msb(r)) for ``protocols.truncation`` (one request)."""
+        qm = self._request("trunc", device, tuple(size), d)
+        return qm[0], qm[1]
+
     def release(self, key):
         self._released.append(key)
 
@@ -214,6 +219,19 @@ class FixedMaskServer(TTPServer):
         self._forget(release)
         self._masks[new_key] = self._masks[key].index_select(dim, torch.as_tensor(index, device=self._masks[key].device))
         return torch.empty(0, dtype=torch.long)
+
+    def trunc(self, size: Size, d: int | list, release: Sequence[int] = ()):
+        """Party 0's shares of (⌊r_u/d⌋, msb(r)) stacked; r and party 1's shares come from the PRGs."""
+        self._forget(release)
+        r = self._get_additive_PRSS(size)
+        party1 = [self._get_additive_PRSS(size, remove_rank=True) for _ in range(2)]
+        return _trunc_answer(r, d, party1)
+
+
+def _trunc_answer(r: torch.Tensor, d: int | list, party1: list[torch.Tensor]) -> torch.Tensor:
+    from protocols.truncation import udiv
+    dd = d if isinstance(d, int) else torch.as_tensor(d, device=r.device)
+    return torch.stack([udiv(r, dd) - party1[0], (r < 0).long() - party1[1]])
 
 
 def serve(cfg: ProtocolConfig | None = None) -> None:

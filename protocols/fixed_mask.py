@@ -13,16 +13,16 @@ Per call ``[x] @ [W]`` (or ``[x] @ [W]ᵀ``):
     3. ``[x @ W] = ε @ δ + ε @ [B] + [A] @ δ + [C]`` (local; ``ε @ δ`` added by party 0). Each party
        keeps its share of ``[W] = δ + [B]`` (party 0 folds ``δ`` into its share), so this is
        ``ε @ [W] + [A] @ δ + [C]``: two local matmuls per party.
-    4. Fixed-point truncation by the scale (2 parties: local share division, as CrypTen does).
+    4. Fixed-point truncation by the scale (``protocols.truncation``: exact, 1 round, ``|x @ W|``
+       elements; ``ProtocolConfig(truncation="local")``: CrypTen's local share division).
 
 Public: shapes; ``δ = W − B`` and ``ε = x − A`` are uniformly masked. ``A`` is fresh per call, ``B``
 is reused, which is safe because ``B`` is only ever opened once, inside ``δ``.
 Cost (logged, per party): set-up ``16·|W|`` bytes, 1 round (+ the dealer request below); per call
-``16·|x|`` bytes, 1 round, independent of ``|W|``. With the separate dealer, party 0 also logs the
+``16·|x|`` bytes, 1 round, independent of ``|W|``, + the exact truncation ``16·|x @ W|`` bytes, 1 round. With the separate dealer, party 0 also logs the
 dealer's answer ``8·|x @ W|`` bytes plus a small pickled request/size (3 extra rounds), as CrypTen's
 TTP does; with TFP the correlations cost nothing (and party 0 knows ``B``: NOT secure).
-Error: that of one CrypTen fixed-point product (local truncation: ±1 ulp, and the usual tiny
-probability of a wrap error for values near 2^(63 − 2·precision_bits)).
+Error: ≤ 2 ulps (exact truncation; local truncation: ±1 ulp and a 2^32-ulp error w.p. ≈ |v|/2^32).
 
 Baseline: ``StockOperand`` has the same interface but keeps ``[W]`` as a plain share, and
 ``fixed_matmul`` then runs CrypTen's own Beaver matmul (opens ``x − A`` and ``W − B`` every call:
@@ -204,7 +204,7 @@ def fixed_matmul(x: Secret, w: Operand, *, transpose_w: bool = False) -> Secret:
     Shapes follow torch.matmul broadcasting, e.g. ``(B, H, S, D) x (D, F)``,
     ``(B, Hkv, G·S, D) x (B, Hkv, T, D)ᵀ -> (B, Hkv, G·S, T)``, one-hot ``(B, Hkv, K, T) x (B, Hkv, T, D)``.
     Public: shapes. Cost: 1 round and ``16·|x|`` logged bytes per party (+ the dealer's answer on
-    party 0 under TTP), independent of ``|W|``. A ``StockOperand`` gets CrypTen's Beaver matmul
+    party 0 under TTP), independent of ``|W|``, + the output's truncation (1 round, ``16·|x @ W|``). A ``StockOperand`` gets CrypTen's Beaver matmul
     instead (``16·(|x| + |W|)`` bytes).
     """
     if isinstance(w, StockOperand):

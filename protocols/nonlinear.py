@@ -21,7 +21,10 @@ on 256 tokens):
 | tiny-gpt2 | [4.9e-4, 2.0e-3] | 0.14 | [−0.76, 0.71] |
 
 Cost notation: ``cmp`` = one secure comparison, 8 rounds, 432 logged bytes per element per party
-(measured); ``mul`` = one Beaver product, 1 round, 32 bytes per element (sizes in elements).
+(measured); ``mul`` = one Beaver product, 1 round, 32 bytes per element (sizes in elements), plus
+its exact truncation (``protocols.truncation``: 1 round, 16 bytes per element) — as is every
+division by a public integer. Round counts are for the default ``truncation="exact"``; the count
+under ``"local"`` (CrypTen's 0-round truncation, with its wrap hazard) is given as "local: …".
 
 Config: every constant of these approximations is a field of ``protocols.config.ProtocolConfig``
 (documented there; each function's ``Config:`` line names the ones it reads). A function takes it
@@ -89,7 +92,7 @@ def exp(x: Secret, clamp: bool = True, *, cfg: ProtocolConfig | None = None) -> 
     Steps: 1. (clamp) ``[x] ← m + ReLU([x] − m)``, m = ``cfg.exp_clamp_min`` (1 cmp + 1 mul).
     2. ``[y] = [x]/32`` (local). 3. ``[p] = Σ_{k≤8} [y]^k/k!`` (powers in 3 rounds; coefficients
     rounded to 2^−20 and summed before one truncation, ``_dot_public``). 4. square 5 times.
-    Public: shape. Cost: 8 rounds and 12·n mul (+ 9 rounds, n cmp + n mul with clamp).
+    Public: shape. Cost: 18 rounds (local: 8) and 12·n mul (+ 9 rounds, n cmp + n mul with clamp).
     Error: ``|err| ≤ 2e-3·(e^x + 0.02)`` on [−32, 8]: relative ≤ 2e-3 where e^x ≥ 0.02, absolute
     ≤ 4e-5 (3 ulps) below. The floor is 2-party truncation noise: each ulp (2^−16) of the base is
     amplified 32× (5e-4 relative). Measured (2 parties, TFP, 40 runs × 2000 inputs on [−32, 4]):
@@ -151,8 +154,8 @@ def softmax(x: Secret, dim: int = -1, mask: Public | None = None, *,
     c = ``recip_scale(n)`` ≈ √n (the "(sum/N)" fix, precise for flat *and* peaked rows, with NR
     products near √n rather than n: √n-fold fewer truncation wraps). 6. ``[e]·[z]/c``.
     Public: shape, mask (e.g. causal). Every row must keep at least one entry; real logits > −1024.
-    Cost (n = row length ≥ 3, R rows): 9·⌈log2 n⌉ (max) + 9 (clamp) + 8 (exp) + 16 (reciprocal) + 1
-    = 9·⌈log2 n⌉ + 34 rounds (n = 256: 106, measured; n = 8192: 151);
+    Cost (n = row length ≥ 3, R rows): 9·⌈log2 n⌉ (max) + 10 (clamp) + 17 (exp) + 28 (reciprocal)
+    + 3 = 9·⌈log2 n⌉ + 58 rounds (n = 256: 130, measured; local: 9·⌈log2 n⌉ + 34);
     bytes ≈ 1.25 kB·n·R per party (measured: 2 rows of 2048 → 5.1 MB).
     Error: max abs 2e-3 on rows of length 1–8192, flat or peaked, logits in [−1000, 1000]
     (dominated by exp's relative error on the largest entries).
@@ -179,7 +182,7 @@ def sigmoid(x: Secret, *, cfg: ProtocolConfig | None = None) -> Secret:
     Steps: 1. bits ``[x<0], [x<−B], [x>B]`` (1 batched cmp on 3n). 2. ``[a] = min(|x|, B)`` (1 mul
     round). 3. ``[d] = 1 + exp(−[a])`` ∈ [1, 2]. 4. ``[r] ≈ 1/[d]`` by NR from r0 = 24/17 − 8d/17.
     5. ``σ = [r] + [x<0]·(1 − 2[r])``.
-    Public: shape. Cost: 8 + 1 + 8 + 2·sigmoid_nr_iters + 1 = 22 rounds; 3n cmp + ≈ 19n mul.
+    Public: shape. Cost: 37 rounds (local: 8 + 1 + 8 + 2·sigmoid_nr_iters + 1 = 22); 3n cmp + ≈ 19n mul.
     Error: max abs 4e-4 on all reals (B = ``cfg.sigmoid_clamp`` = 32: σ is constant to 1e-14 beyond);
     dominated by exp's relative error at |x| ≈ 1. Measured: worst 2.9e-4 over 40 runs × 2000
     inputs (N(0, 20²) and N(0, 3²)).
@@ -198,7 +201,7 @@ def sigmoid(x: Secret, *, cfg: ProtocolConfig | None = None) -> Secret:
 
 
 def silu(x: Secret, *, cfg: ProtocolConfig | None = None) -> Secret:
-    """``[x·σ(x)]``. Cost: sigmoid + 1 mul round (23 rounds). Error: max abs 2e-4·(1 + |x|) on all
+    """``[x·σ(x)]``. Cost: sigmoid + 1 mul (39 rounds; local: 23). Error: max abs 2e-4·(1 + |x|) on all
     reals (measured SmolLM2 inputs: [−31, 50]). Config: sigmoid's."""
     return x * sigmoid(x, cfg=cfg)
 
@@ -206,7 +209,7 @@ def silu(x: Secret, *, cfg: ProtocolConfig | None = None) -> Secret:
 def gelu_tanh(x: Secret, *, cfg: ProtocolConfig | None = None) -> Secret:
     """GPT-2's gelu_new, exactly ``x·σ(2√(2/π)(x + 0.044715x³))`` (= ½x(1 + tanh(…))).
 
-    Cost: 2 mul rounds (x², x³) + sigmoid + 1 mul = 25 rounds. Error: max abs 2e-4·(1 + |x|) for
+    Cost: 2 mul (x², x³) + sigmoid + 1 mul = 45 rounds (local: 25). Error: max abs 2e-4·(1 + |x|) for
     |x| ≤ 40 (x³ must stay far below the fixed-point wrap). Config: sigmoid's.
     """
     inner = (x + x.square() * x * 0.044715) * (2 * math.sqrt(2 / math.pi))
@@ -219,7 +222,7 @@ def inv_sqrt(x: Secret, lo_log2: int | None = None, hi_log2: int | None = None, 
 
     Steps: 1. octave guess y0 = 2^−(j+½)/2 on [2^j, 2^(j+1)) (1 batched cmp on hi−lo−1 thresholds).
     2. NR ``y ← [y]·(1.5 − 0.5·([x][y])[y])`` (3 rounds each: [y]² alone would lose precision).
-    Public: shape, the range. Cost: 8 + 3·iters rounds (17 by default); (hi−lo−1)·n cmp + 3·iters·n mul.
+    Public: shape, the range. Cost: 8 + 7·iters rounds (29 by default; local: 8 + 3·iters); (hi−lo−1)·n cmp + 3·iters·n mul.
     Error on [2^−8, 2^12]: |Δy| ≤ y·(3e-5 + 2^−17/x + 2^−17/√x) + 3·2^−16 (NR 3e-5 relative;
     encoding x and truncating x·y ≈ √x to 2^−16 move y by the next two terms; the last products
     round y by ≤ 3 ulps), i.e. relative ≤ 2.1e-3 at the low end and ≤ 3e-3 at the top (y = 2^−6); ≤ 5e-2 on [2^−12, 2^−8] (x has only 16–256 ulps there). Outside [2^lo, 2^hi] the guess is an end octave's and NR may diverge.
@@ -287,8 +290,8 @@ def _normalise(x: Secret, eps: float, cfg: ProtocolConfig) -> Secret:
 def rms_norm(x: Secret, weight: Secret | Public, eps: float, *, cfg: ProtocolConfig | None = None) -> Secret:
     """``[x / √(mean(x²) + eps) · w]`` over the last dim (E), Llama's RMSNorm.
 
-    Public: shapes, eps (and w when public). Cost: 1 (squares) + 8 (cmp) + 1 (select) + 9 (NR) + 1
-    (+1 for a secret w) = 20–21 rounds; per row ≈ 4E mul + 40 cmp (E + 2 more mul for a secret w).
+    Public: shapes, eps (and w when public). Cost: 36 rounds (37 for a secret w; local: 1 (squares)
+    + 8 (cmp) + 1 (select) + 9 (NR) + 1 (+1) = 20–21); per row ≈ 4E mul + 40 cmp (E + 2 more mul for a secret w).
     Error: relative to the row's max |output| ≤ 2e-3 for |x| ≤ 2^15 and mean(x²) ∈ [1e-4, 2^24] — this covers every norm of
     SmolLM2-135M (mean squares 7e-3 … 1.0e6, |x| ≤ 2.4e4) and the tiny test models (2.6e-4 …).
     A public w is rounded to 2^−20 here (CrypTen's own product truncates w·2^16 toward zero: a

@@ -48,7 +48,7 @@ def _meter_job(seed: int, decode_steps: int) -> dict:
     with meter.phase("prefill", tokens=3):
         x = crypten.cryptensor(torch.randn(3, 6, generator=gen), src=0)
         with meter.stage("qkv"):
-            h = x.matmul(w)                       # 16·(18 + 24) bytes, 1 round
+            h = x.matmul(w)                       # 16·(18 + 24) bytes, 1 round; truncation 16·12, 1
         with meter.stage("attention"):
             with meter.stage("softmax"):
                 h.exp()                           # 8 squarings: 8 rounds under TFP
@@ -57,7 +57,7 @@ def _meter_job(seed: int, decode_steps: int) -> dict:
         with meter.phase("decode", tokens=step % 2):  # tokens given per phase or counted inside
             meter.count_tokens(1 - step % 2)
             with meter.stage("qkv"):
-                crypten.cryptensor(torch.randn(1, 6, generator=gen), src=0).matmul(w)  # 16·(6 + 24)
+                crypten.cryptensor(torch.randn(1, 6, generator=gen), src=0).matmul(w)  # 16·(6 + 24 + 4)
     before = comm.get().get_communication_stats()
     report = meter.aggregate()
     after = comm.get().get_communication_stats()
@@ -73,12 +73,12 @@ def test_meter_on_parties(provider, seed):
     phases = r0["report"]["phases"]
     qkv = phases["prefill"]["stages"]["qkv"]
     p1_bytes = qkv["party_bytes"][1]
-    assert p1_bytes == 16 * (18 + 24) and qkv["rounds"] >= 1, (seed, qkv)
+    assert p1_bytes == 16 * (18 + 24 + 12) and qkv["rounds"] >= 2, (seed, qkv)
     if provider == "TFP":
-        assert qkv["party_bytes"] == [16 * (18 + 24)] * 2 and qkv["rounds"] == 1
-        assert qkv["wire_bytes"] == 16 * (18 + 24)
-    else:  # the dealer's answer is logged by party 0 only
-        assert qkv["party_bytes"][0] > p1_bytes and qkv["rounds"] == 4
+        assert qkv["party_bytes"] == [16 * (18 + 24 + 12)] * 2 and qkv["rounds"] == 2
+        assert qkv["wire_bytes"] == 16 * (18 + 24 + 12)
+    else:  # the dealer's answers (triple, truncation: 3 messages each) are logged by party 0 only
+        assert qkv["party_bytes"][0] > p1_bytes and qkv["rounds"] == 8
     stages = phases["prefill"]["stages"]
     assert stages["attention/softmax"]["rounds"] >= 8
     assert stages["attention"]["rounds"] >= stages["attention/softmax"]["rounds"]
@@ -88,5 +88,5 @@ def test_meter_on_parties(provider, seed):
     assert total["rounds"] == sum(stages[s]["rounds"] for s in top), stages
     decode = phases["decode"]
     assert decode["tokens"] == steps and decode["stages"]["qkv"]["calls"] == steps
-    assert decode["stages"]["qkv"]["party_bytes"][1] == steps * 16 * (6 + 24)
+    assert decode["stages"]["qkv"]["party_bytes"][1] == steps * 16 * (6 + 24 + 4)
     assert "prefill" in r0["md"] and "decode" in r0["md"]

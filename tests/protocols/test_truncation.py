@@ -1,12 +1,10 @@
-"""CrypTen's 2-party truncation, measured: the hazard model that ``benchmarks.selection_agreement``
-uses to tell truncation faults from approximation error.
+"""2-party truncation: the local hazard CrypTen has, and the exact protocol that replaces it.
 
-Each party truncates its share locally (CrypTen, world size 2), so a product of value v fails with
-probability ≈ |v|/2^32 (the shares straddle the ring's wrap) and is then off by exactly 2^32 (2^64 at
-scale 2^32, truncated by 2^16, read at 2^16). Rare per product, but the static eviction at 4K truncates
-~10^9 products (SmolLM2, 16 selecting layers), so faults happen there (benchmarks/reports/
-selection_agreement.md). Checked on fresh random products with |v| up to 2^20 (expected count
-n·E|v|/2^32 = 128): every error is either ≤ 2^-15·(1 + |v|·2^-16) or a multiple of 2^32.
+Local (``ProtocolConfig(truncation="local")``, CrypTen's): each party truncates its share, so a
+product of value v fails with probability ≈ |v|/2^32 and is then off by exactly 2^32 (2^64 at scale
+2^32, truncated by 2^16, read at 2^16) — the hazard model ``benchmarks.selection_agreement`` uses.
+Exact (the default, ``protocols.truncation``): no wrap error in 2^24 products with |v| ≤ 2^20, on both
+providers, every error within 2 ulps, at 1 round and 16·n bytes per truncation on top of the product.
 """
 import pytest
 import torch
@@ -15,26 +13,73 @@ from tests.protocols.conftest import run_on
 
 pytestmark = pytest.mark.mpc
 
-N, MAG = 1 << 21, 1024.0  # |x|, |y| ≤ 2^10: E|xy| = MAG²/4 = 2^18
+CHUNK, MAG = 1 << 21, 1024.0  # |x|, |y| ≤ 2^10: E|xy| = MAG²/4 = 2^18
 
 
-def _job(seed: int) -> list[float]:
-    from protocols.compat import crypten
+def _products(seed: int, chunks: int, truncation: str) -> tuple[list[float], list[dict]]:
+    """``chunks`` × 2^21 fresh products under ``truncation``; per-chunk errors' summary and costs."""
+    from protocols.compat import comm, crypten
+    from protocols.config import ProtocolConfig, protocol_context
 
     gen = torch.Generator().manual_seed(seed)
-    x = (torch.rand(N, generator=gen, dtype=torch.float64) * 2 - 1) * MAG
-    y = (torch.rand(N, generator=gen, dtype=torch.float64) * 2 - 1) * MAG
-    xe, ye = (torch.round(t * 2**16) / 2**16 for t in (x, y))  # what the encoder shares
-    prod = crypten.cryptensor(xe, src=0) * crypten.cryptensor(ye, src=0)  # float64: exact encoding
-    got = prod.reveal().double() / 2**16  # the ring element, exactly (get_plain_text rounds to float32)
-    return (got - xe * ye).tolist()
+    worst_small, wraps, costs = 0.0, 0, []
+    with protocol_context(ProtocolConfig(truncation=truncation)):
+        for _ in range(chunks):
+            x = (torch.rand(CHUNK, generator=gen, dtype=torch.float64) * 2 - 1) * MAG
+            y = (torch.rand(CHUNK, generator=gen, dtype=torch.float64) * 2 - 1) * MAG
+            xe, ye = (torch.round(t * 2**16) / 2**16 for t in (x, y))  # what the encoder shares
+            a, b = crypten.cryptensor(xe, src=0), crypten.cryptensor(ye, src=0)
+            comm.get().reset_communication_stats()
+            prod = a * b
+            costs.append(dict(comm.get().get_communication_stats()))
+            err = prod.reveal().double() / 2**16 - xe * ye  # the ring element, exactly
+            n_wraps = (err.abs() / 2**32).round()
+            wraps += int((n_wraps > 0).sum())
+            small = err - n_wraps * 2**32 * err.sign()
+            worst_small = max(worst_small, float(small.abs().max()))
+    return [worst_small, wraps], costs
 
 
-def test_two_party_truncation_fails_at_rate_v_over_2_32(seed):
-    err = torch.tensor(run_on("TFP", _job, seed, timeout=300)[0], dtype=torch.float64)
-    wraps = (err.abs() / 2**32).round()
-    small = err - wraps * 2**32 * err.sign()
-    assert small.abs().max() < 2**-15 * (1 + MAG**2 * 2**-16), f"seed {seed}: non-wrap error {small.abs().max()}"
-    expected = N * MAG**2 / 4 / 2**32  # 128
-    n_wraps = int((wraps > 0).sum())
-    assert 0.5 * expected < n_wraps < 1.6 * expected, f"seed {seed}: {n_wraps} wraps, expected ≈ {expected:.0f}"
+def test_local_truncation_fails_at_rate_v_over_2_32(seed):
+    (worst, wraps), _ = run_on("TFP", _products, seed, 1, "local", timeout=300)[0]
+    assert worst < 2**-15 * (1 + MAG**2 * 2**-16), f"seed {seed}: non-wrap error {worst}"
+    expected = CHUNK * MAG**2 / 4 / 2**32  # 128
+    assert 0.5 * expected < wraps < 1.6 * expected, f"seed {seed}: {wraps} wraps, expected ≈ {expected:.0f}"
+
+
+def test_exact_truncation_never_wraps_in_2_24_products(seed):
+    """2^24 products (8 chunks) on TFP: 0 wraps (local truncation would give ≈ 1024)."""
+    (worst, wraps), costs = run_on("TFP", _products, seed, 8, "exact", timeout=900)[0]
+    assert wraps == 0, f"seed {seed}: {wraps} wrapped products"
+    assert worst <= 2 * 2**-16, f"seed {seed}: error {worst} > 2 ulps"
+    # Beaver product (1 round, x − a and y − b: 2·16·n bytes) + truncation (1 round, 16·n bytes)
+    assert costs[0]["rounds"] == 2 and costs[0]["bytes"] == 3 * 16 * CHUNK, costs[0]
+
+
+def test_exact_truncation_with_the_dealer(seed):
+    """Same protocol with the correlation from the separate dealer: no wraps, same online cost
+    (party 0 also logs the dealer's answer: 2·n elements for truncation, n for the triple)."""
+    (worst, wraps), costs = run_on("dealer", _products, seed, 1, "exact", timeout=300)[0]
+    assert wraps == 0 and worst <= 2 * 2**-16, f"seed {seed}: {wraps} wraps, error {worst}"
+
+
+def _divide(seed: int) -> list[list[float]]:
+    """Exact public division by several integers (means, powers of two, odd) of large values."""
+    from protocols.compat import comm, crypten
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for d in (2, 3, 7, 576, 1 << 16, 1 << 30):
+        x = (torch.rand(4096, generator=gen, dtype=torch.float64) * 2 - 1) * 2**40  # ring ints
+        xi = x.round().long()
+        share = crypten.cryptensor(torch.zeros(4096), src=0)
+        share._tensor.share = xi.clone() if comm.get().get_rank() == 0 else torch.zeros_like(xi)
+        share._tensor.div_(d)
+        got = share._tensor.reveal()
+        out.append([float((got - torch.div(xi, d, rounding_mode="floor")).abs().max())])
+    return out
+
+
+def test_exact_division_by_any_public_integer(seed):
+    worst = run_on("TFP", _divide, seed, timeout=120)[0]
+    assert max(w[0] for w in worst) <= 2, f"seed {seed}: {worst}"

@@ -1,0 +1,118 @@
+"""Exact division of 2-party shares by a public integer: one opening, no wrap errors.
+
+CrypTen truncates 2-party shares locally (each party floors its own share): a value v at scale 2^16
+after a product (ring integer z = v·2^32) comes out 2^32·2^-16 off whenever the shares straddle the
+ring's wrap, with probability ≈ |z|/2^64 = |v|/2^32 per element (``tests/protocols/test_truncation.py``
+measures it). Here every division by a public integer d (each fixed-point product's truncation by the
+scale, means, public ``div``) runs the dealer-assisted protocol of Escudero–Ghosh–Keller–Rachuri–
+Scholl (CRYPTO 2020, "TruncAPr"), generalised from 2^f to any d < 2^31:
+
+Dealer (offline): uniform r ∈ Z_2^64 and sharings of r, q_r = ⌊r_u/d⌋ and m_r = msb(r) (r_u: r read
+    as an unsigned 64-bit integer).
+Online, for [x] with |x| < 2^62:
+    1. y = x + 2^62 ∈ [0, 2^63) (party 0 adds the constant): msb(y) = 0.
+    2. Open c = y + r (1 round, ``n`` elements): uniform, so it hides y.
+    3. The sum wrapped (y + r ≥ 2^64) iff m_r = 1 and msb(c) = 0, so [w] = (1 − msb(c))·[m_r] (local).
+    4. y = c_u − r_u + w·2^64, hence ⌊y/d⌋ = ⌊c_u/d⌋ − q_r + w·Q + e with Q = ⌊2^64/d⌋ and
+       e ∈ {−1, 0, 1} (the three remainders), and [⌊x/d⌋] = ⌊c_u/d⌋ − [q_r] + Q·[w] − ⌊2^62/d⌋.
+Error: |result − x/d| < 2 for every |x| < 2^62 (< 1 ulp + floor when d is a power of two, ρ_Q = 0);
+never a large error. Cost per call: 1 round, ``16·n`` logged bytes per party (the opening), plus
+the correlation: 3·n elements made by party 0 (TFP, no messages) or by the dealer (TTP: a request
+answered with party 0's 2·n elements; party 1 draws all of its shares from its PRG).
+Public: shapes, d, c (uniform). ``ProtocolConfig.truncation = "local"`` keeps CrypTen's local
+truncation (0 rounds, the hazard above) for comparison.
+"""
+from __future__ import annotations
+
+import torch
+
+from protocols.compat import comm
+from protocols.dealer import DealerMasks, TrustedFirstPartyMasks, fixed_mask_provider
+
+# CrypTen internals; protocols.compat (imported above) has already made CrypTen importable.
+from crypten.common.rng import generate_random_ring_element
+from crypten.mpc.primitives import ArithmeticSharedTensor
+from crypten.mpc.provider.ttp_provider import TTPClient
+
+_OFFSET = 1 << 62
+_MASK32 = (1 << 32) - 1
+
+
+def _signed(v: int) -> int:
+    """``v mod 2^64`` as a signed 64-bit integer."""
+    v %= 1 << 64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def udiv(t: torch.Tensor, d: int | torch.Tensor) -> torch.Tensor:
+    """``⌊t_u / d⌋ mod 2^64`` for int64 ``t`` read as unsigned and 1 ≤ d < 2^31 (int or int tensor).
+
+    Long division in two 32-bit digits: ``(rem(hi)·2^32 + lo) < d·2^32 < 2^63`` never overflows.
+    """
+    hi, lo = (t >> 32) & _MASK32, t & _MASK32
+    q_hi = torch.div(hi, d, rounding_mode="floor")
+    rest = (hi - q_hi * d) * (1 << 32) + lo
+    return q_hi * (1 << 32) + torch.div(rest, d, rounding_mode="floor")
+
+
+def _check_divisor(d: int | torch.Tensor) -> None:
+    low, high = (d, d) if isinstance(d, int) else (int(d.min()), int(d.max()))
+    if not 1 <= low <= high < 1 << 31:
+        raise ValueError(f"exact truncation needs public divisors in [1, 2^31), got [{low}, {high}]")
+
+
+def _wrap_constant(d: int | torch.Tensor) -> int | torch.Tensor:
+    """Q = ⌊2^64/d⌋ mod 2^64 (signed) for an int, ⌊(2^64 − 1)/d⌋ per element for a tensor (the
+    error bound absorbs the difference of at most 1)."""
+    if isinstance(d, int):
+        return _signed((1 << 64) // d)
+    return udiv(torch.full_like(d, -1), d)
+
+
+def correlation(size: torch.Size, d: int | torch.Tensor,
+                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This party's shares of (r, ⌊r_u/d⌋, msb(r)) from the provider the parties run with."""
+    provider = fixed_mask_provider()
+    rank = comm.get().get_rank()
+    if isinstance(provider, TrustedFirstPartyMasks):  # party 0 draws r: NOT secure against party 0
+        if rank == 0:
+            r = generate_random_ring_element(tuple(size), device=device)
+            parts = (r, udiv(r, d), (r < 0).long())
+        else:
+            parts = (torch.zeros(size, dtype=torch.long, device=device),) * 3
+        return tuple(ArithmeticSharedTensor(p, precision=0, src=0).share for p in parts)
+    if isinstance(provider, DealerMasks):
+        gen = TTPClient.get().get_generator(device=device)
+        r = generate_random_ring_element(tuple(size), generator=gen, device=device)
+        if rank == 0:
+            dd = d if isinstance(d, int) else d.tolist()
+            q, m = provider.request_trunc(tuple(size), dd, device)
+        else:
+            q = generate_random_ring_element(tuple(size), generator=gen, device=device)
+            m = generate_random_ring_element(tuple(size), generator=gen, device=device)
+        return r, q, m
+    raise NotImplementedError(f"no truncation correlation for {type(provider).__name__}")
+
+
+def exact_div_(x: ArithmeticSharedTensor, d: int | torch.Tensor) -> ArithmeticSharedTensor:
+    """``[x] ← [⌊x/d⌋]`` in place, for |x| < 2^62 and public 1 ≤ d < 2^31 (see module docstring)."""
+    _check_divisor(d)
+    if not isinstance(d, int):
+        d = d.to(device=x.share.device, dtype=torch.long)
+    rank = comm.get().get_rank()
+    r, q, m = correlation(x.share.size(), d, device=x.share.device)
+    c = comm.get().all_reduce(x.share + r + (_OFFSET if rank == 0 else 0))
+    not_wrapped = (c >= 0).long()  # 1 − msb(c)
+    share = _wrap_constant(d) * not_wrapped * m - q
+    if rank == 0:
+        share = share + udiv(c, d) - torch.div(torch.as_tensor(_OFFSET, device=c.device), d,
+                                                rounding_mode="floor")
+    x.share = share
+    return x
+
+
+def local_div_(x: ArithmeticSharedTensor, d: int | torch.Tensor) -> ArithmeticSharedTensor:
+    """CrypTen's 2-party local truncation (0 rounds; off by 2^64/d w.p. ≈ |x|/2^64)."""
+    x.share = x.share.div_(d, rounding_mode="trunc")
+    return x
+
