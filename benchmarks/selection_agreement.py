@@ -37,6 +37,7 @@ import torch
 from benchmarks.mpcache_cost import MODEL, REPORTS, plaintext_kv, prompt_ids
 from plaintext_ref.mpcache_config import MPCacheConfig
 from plaintext_ref.policies import mpcache as twin
+from protocols.config import ProtocolConfig
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +254,7 @@ def summarise(res: dict, model: str, layers: int, device: str, cfg: MPCacheConfi
     n_levels = len(cfg.cluster_sizes)
     levels = [[v for _, lv in res["dynamic"] for v in lv[level]] for level in range(n_levels)]
     row = {"model": model, "device": device, "layers": layers, "length": res["length"], "steps": res["steps"],
+           "truncation": ProtocolConfig().truncation,
            "seconds": res["seconds"], "static_layers": sorted(res["static"]),
            "selecting_layers": sorted({layer for layer, _ in res["dynamic"]}),
            "static": count(static), "levels": [count(v) for v in levels], "config": dataclasses.asdict(cfg),
@@ -276,14 +278,15 @@ def markdown(rows: list[dict], machines: dict) -> str:
              "decode step. *tie* = differs where the twin's top-K boundary gap < 2·eps, eps = max |MPC − twin| "
              "score of that choice (fixed-point error); *mismatch* = any other difference (none allowed); "
              "*fault* = scores off by more than any approximation allows (static: 0.5, clusters: 1.0): "
-             "a 2-party truncation wrap (CrypTen truncates shares locally; a product of value v wraps with "
-             "probability ≈ |v|/2^32 and then errs by 2^32; a wrapped logit sends a window row's whole "
-             "probability mass to one token). A head that differed at a level is not compared "
+             "a 2-party truncation wrap (with CrypTen's local truncation, column *trunc.* = local, a product of "
+             "value v wraps with probability ≈ |v|/2^32 and then errs by 2^32; a wrapped logit sends a window "
+             "row's whole probability mass to one token; the exact truncation of `protocols.truncation` "
+             "cannot wrap). A head that differed at a level is not compared "
              "deeper. Tokens: MPC argmax vs twin argmax, teacher-forced on the prompt text (all layers only).", "",
-             "| model | device | T0 | layers | steps | static sets: same / ties / mism. / faults | " +
+             "| model | device | trunc. | T0 | layers | steps | static sets: same / ties / mism. / faults | " +
              "level picks (per level): same / ties / mism. / faults | max eps (static; levels) | tie gaps | "
              "tokens agree | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["model"], r["device"], r["length"])):
         st, lv = r["static"], r["levels"]
         lvs = "; ".join(f"{x['same']}/{x['ties']}/{x['mismatches']}/{x['faults']} of {x['compared']}" for x in lv)
@@ -291,7 +294,8 @@ def markdown(rows: list[dict], machines: dict) -> str:
         gaps = [g for x in [st, *lv] for g in x["tie_gaps"]]
         tk = r.get("tokens")
         tks = f"{tk['agree']}/{len(tk['mpc'])} ({tk['near_tie_misses']} near-tie misses)" if tk else "—"
-        lines.append(f"| {r['model']} | {r['device']} | {r['length']} | {r['layers']} | {r['steps']} | "
+        lines.append(f"| {r['model']} | {r['device']} | {r.get('truncation', 'local')} | {r['length']} | "
+                     f"{r['layers']} | {r['steps']} | "
                      f"{st['same']}/{st['ties']}/{st['mismatches']}/{st['faults']} of {st['compared']} | "
                      f"{lvs} | {eps} | "
                      f"{', '.join(f'{g:.1e}' for g in gaps) or '—'} | {tks} | {r['seconds']:.0f} |")

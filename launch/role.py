@@ -71,7 +71,7 @@ def run_role(main: Callable[[Topology], object], cfg: LaunchConfig, *,
     """Run this rank's role; return its exit code (0 ok) for the caller to ``sys.exit`` with.
 
     ``main(topology)`` runs on both computing parties after ``crypten.init()``; ``dealer_main``
-    (default: CrypTen's ``TTPServer``) runs on rank 2 of ``mpirun -n 3`` until party 0 shuts down.
+    (default: ``protocols.dealer.serve``, the tape dealer) runs on rank 2 of ``mpirun -n 3`` until party 0 shuts down.
     ``public``: this rank's public options; every rank must have been given the same (else all
     stop with one line naming the differences, exit code 2). ``rejected``: this rank's own input
     failed its checks (it printed why); it still joins the rendezvous so that all ranks stop together.
@@ -112,7 +112,8 @@ def run_role(main: Callable[[Topology], object], cfg: LaunchConfig, *,
             torch.cuda.set_device(torch.device(topo.device))
         if topo.is_dealer:
             init_dealer(timeout_s=cfg.timeout_s, op_timeout_s=cfg.op_timeout_s)
-            run_dealer(dealer_main or crypten.mpc.provider.TTPServer)
+            from protocols.dealer import serve
+            run_dealer(dealer_main or serve)
             return int(ExitCode.OK)
         init_party(N_PARTIES, topo.provider, timeout_s=cfg.timeout_s,
                    op_timeout_s=cfg.op_timeout_s,

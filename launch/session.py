@@ -23,6 +23,7 @@ import traceback
 import warnings
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch.distributed.distributed_c10d as c10d
@@ -69,8 +70,9 @@ def peer_error(err: BaseException, rank: int, n_parties: int = 2,
 
 
 def _in_dealer_request(err: BaseException) -> bool:
-    """Whether ``err`` was raised inside CrypTen's request to the dealer (``TTPClient.ttp_request``)."""
-    return any(frame.name == "ttp_request" for frame in traceback.extract_tb(err.__traceback__))
+    """Whether ``err`` was raised talking to the dealer (``protocols.tape``, or CrypTen's ``ttp_request``)."""
+    return any(frame.name == "ttp_request" or Path(frame.filename).match("protocols/tape.py")
+               for frame in traceback.extract_tb(err.__traceback__))
 
 
 def gloo_cause(err: BaseException) -> str:
@@ -114,6 +116,9 @@ def init_party(world_size: int = 2, provider: str = "TFP", *, timeout_s: float =
     if provider not in ("TFP", "TTP"):
         raise ValueError(f"provider must be 'TFP' or 'TTP', got {provider!r}")
     crypten.cfg.mpc.provider = provider
+    if provider == "TTP":
+        from protocols.tape import install
+        install()  # the dealer's correlations come as one tape per step (protocols.tape)
     crypten.cfg.communicator.verbose = True  # byte/round counters only count when verbose
     _bring_up("rendezvous with the other party" + (" and the dealer" if provider == "TTP" else ""),
               timeout_s, op_timeout_s, lambda: crypten.init(device=device))
@@ -135,10 +140,11 @@ def run_dealer(dealer_main: Callable[[], object]) -> None:
 
 
 def serve_dealer() -> None:
-    """Run CrypTen's trusted-third-party server until party 0 sends 'terminate'."""
+    """Run the dealer (``protocols.tape``) until party 0 sends 'terminate'."""
+    from protocols.dealer import serve
     if not comm.is_initialized():
         init_dealer()
-    run_dealer(crypten.mpc.provider.TTPServer)
+    run_dealer(serve)
 
 
 def shutdown() -> None:

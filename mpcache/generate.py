@@ -14,6 +14,7 @@ import torch
 
 from mpcache.cache import Sequence
 from mpcache.model import Progress, SecureTransformer
+from protocols import tape
 from protocols.compat import comm, crypten
 from protocols.cost import CostMeter, Meter
 from protocols.selection import argmax_onehot, reveal_to
@@ -96,7 +97,7 @@ def steps(model: SecureTransformer, seq: Sequence, prompt_ids: list[int] | None,
         f"{n_prompt} prompt + {max_new_tokens} new tokens exceed the context {model.args.max_seq_len}")
     assert seq.length == 0, f"a new generation needs an empty sequence, got {seq.length} cached tokens"
     t0 = time.perf_counter()
-    with meter.phase("prefill", tokens=n_prompt):
+    with meter.phase("prefill", tokens=n_prompt), tape.step("prefill", meter):
         with meter.stage("embedding"):
             onehot = share_tokens(prompt_ids, n_prompt, model.args.vocab_size, device=model.device)
         logits = model.forward(onehot, torch.arange(n_prompt), seq, progress=on_prefill)
@@ -106,7 +107,7 @@ def steps(model: SecureTransformer, seq: Sequence, prompt_ids: list[int] | None,
         if stop:
             return
         t0 = time.perf_counter()
-        with meter.phase("decode", tokens=1):
+        with meter.phase("decode", tokens=1), tape.step("decode", meter):
             logits = model.forward(onehot, torch.tensor([n_prompt + index - 1]), seq)
             onehot, token, stop = next_token(logits, eos_ids, meter, cancel)
         yield Step(index, token, time.perf_counter() - t0)

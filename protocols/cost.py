@@ -12,9 +12,11 @@ count_communication``, i.e. CrypTen's verbose communicator) around each block::
                 with meter.stage("softmax"): ...   # recorded as "attention/softmax"
     report = meter.aggregate()   # collective: every party gets both parties' numbers
 
-Per party CrypTen logs bytes sent *and* received (8 per element; with the separate dealer, the
-dealer's traffic is logged by party 0), so bytes on the wire = (party 0 + party 1) / 2, as CrypTen's
-docstring says. Rounds and seconds are the maximum over parties. ``comm_s`` is time inside
+Per party CrypTen logs bytes sent *and* received (8 per element), so bytes on the wire =
+(party 0 + party 1) / 2, as CrypTen's docstring says. With the separate dealer its traffic is not
+in those counters: ``dealer_bytes`` (sent and received by party 0, ``protocols.tape``) and
+``dealer_trips`` (round trips to the dealer on party 0's critical path: one per step for its tape,
+plus one per request answered online) are counted apart. Rounds and seconds are the maximum over parties. ``comm_s`` is time inside
 collectives (network plus waiting for the peer); ``compute_s = wall_s − comm_s``.
 Projection to a network: ``T = compute_s + 8·wire_bytes / bandwidth_bps + rounds·rtt_s`` (all wire
 bytes serialised over one link: conservative for a full-duplex link).
@@ -34,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 TOTAL = "total"   # stage name of a whole phase block
 OTHER = "other"   # phase total minus its top-level stages (report only)
-_FIELDS = ("bytes", "rounds", "comm_s", "wall_s", "calls")
+_FIELDS = ("bytes", "rounds", "comm_s", "wall_s", "calls", "dealer_bytes", "dealer_trips")
 
 
 class NullMeter:
@@ -44,9 +46,10 @@ class NullMeter:
         return contextlib.nullcontext()
 
 
-def _counters() -> tuple[float, int, float]:
+def _counters() -> tuple[float, int, float, float, float]:
+    from protocols.tape import counters
     s = comm.get().get_communication_stats()
-    return float(s["bytes"]), int(s["rounds"]), float(s["time"])
+    return (float(s["bytes"]), int(s["rounds"]), float(s["time"]), *counters())
 
 
 class CostMeter:
@@ -66,13 +69,13 @@ class CostMeter:
     @contextlib.contextmanager
     def _measure(self, phase: str, stage: str) -> Iterator[None]:
         rec = self._records[(phase, stage)]  # created on entry: records keep pipeline order
-        b0, r0, c0 = _counters()
+        b0, r0, c0, d0, t0_ = _counters()
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            b1, r1, c1 = _counters()
-            for i, v in enumerate((b1 - b0, r1 - r0, c1 - c0, time.perf_counter() - t0, 1)):
+            b1, r1, c1, d1, t1_ = _counters()
+            for i, v in enumerate((b1 - b0, r1 - r0, c1 - c0, time.perf_counter() - t0, 1, d1 - d0, t1_ - t0_)):
                 rec[i] += v
 
     @contextlib.contextmanager
@@ -146,6 +149,8 @@ class CostRow:
     wall_s: float
     calls: int
     tokens: int = 0
+    dealer_bytes: float = 0.0
+    dealer_trips: float = 0.0
 
     @property
     def wire_bytes(self) -> float:
@@ -162,7 +167,8 @@ class CostRow:
     def per_token(self) -> CostRow:
         n = max(self.tokens, 1)
         return CostRow(self.phase, self.stage, [b / n for b in self.party_bytes], self.rounds / n,
-                       self.comm_s / n, self.wall_s / n, self.calls, self.tokens)
+                       self.comm_s / n, self.wall_s / n, self.calls, self.tokens,
+                       self.dealer_bytes / n, self.dealer_trips / n)
 
 
 def project(compute_s: float, wire_bytes: float, rounds: float, bandwidth_bps: float,
@@ -194,11 +200,12 @@ class CostReport:
 
     def _merge(self, key: str) -> CostRow:
         phase, stage = key.split("|", 1)
-        recs = [p["records"].get(key, [0.0] * len(_FIELDS)) for p in self.parties]
+        recs = [list(p["records"].get(key, ())) for p in self.parties]
+        recs = [r + [0.0] * (len(_FIELDS) - len(r)) for r in recs]  # records without dealer fields
         tokens = self.parties[0]["tokens"].get(phase, 0)
         return CostRow(phase, stage, [r[0] for r in recs], int(max(r[1] for r in recs)),
                        max(r[2] for r in recs), max(r[3] for r in recs), int(max(r[4] for r in recs)),
-                       tokens)
+                       tokens, max(r[5] for r in recs), max(r[6] for r in recs))
 
     def _add_other(self) -> None:
         for total in [r for r in self.rows if r.stage == TOTAL]:
@@ -210,7 +217,9 @@ class CostReport:
                             [b - sum(r.party_bytes[i] for r in top) for i, b in enumerate(total.party_bytes)],
                             total.rounds - sum(r.rounds for r in top),
                             max(total.comm_s - sum(r.comm_s for r in top), 0.0),
-                            max(total.wall_s - sum(r.wall_s for r in top), 0.0), total.calls, total.tokens)
+                            max(total.wall_s - sum(r.wall_s for r in top), 0.0), total.calls, total.tokens,
+                            total.dealer_bytes - sum(r.dealer_bytes for r in top),
+                            total.dealer_trips - sum(r.dealer_trips for r in top))
             self.rows.insert(self.rows.index(total), other)
 
     @property
@@ -238,18 +247,22 @@ class CostReport:
             ph = phases.setdefault(r.phase, {"tokens": r.tokens, "stages": {}})
             ph["stages"][r.stage] = {"party_bytes": r.party_bytes, "wire_bytes": r.wire_bytes,
                                      "rounds": r.rounds, "comm_s": r.comm_s, "wall_s": r.wall_s,
-                                     "compute_s": r.compute_s, "calls": r.calls}
+                                     "compute_s": r.compute_s, "calls": r.calls,
+                                     "dealer_bytes": r.dealer_bytes, "dealer_trips": r.dealer_trips}
         return {"provider": self.provider, "secure": self.secure, "phases": phases}
 
     def _table(self, per_token: Collection[str]) -> tuple[list[str], list[list[str]]]:
         head = ["phase", "stage", "calls", "wire MB", "P0 MB", "P1 MB", "rounds", "comm s", "wall s"]
+        if self.secure:
+            head += ["dealer MB", "dealer trips"]
         body = []
         for r in self.rows:
             mean = r.phase in per_token
             v = r.per_token() if mean else r
             body.append([f"{r.phase} / token" if mean else r.phase, r.stage, str(r.calls),
                          f"{v.wire_bytes / 1e6:.3f}", *(f"{b / 1e6:.3f}" for b in v.party_bytes[:2]),
-                         f"{v.rounds:g}", f"{v.comm_s:.3f}", f"{v.wall_s:.3f}"])
+                         f"{v.rounds:g}", f"{v.comm_s:.3f}", f"{v.wall_s:.3f}"]
+                        + ([f"{v.dealer_bytes / 1e6:.3f}", f"{v.dealer_trips:g}"] if self.secure else []))
         return head, body
 
     def title(self, per_token: Collection[str] = ()) -> str:

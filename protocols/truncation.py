@@ -17,8 +17,8 @@ Online, for [x] with |x| < 2^62:
        e ∈ {−1, 0, 1} (the three remainders), and [⌊x/d⌋] = ⌊c_u/d⌋ − [q_r] + Q·[w] − ⌊2^62/d⌋.
 Error: |result − x/d| < 2 for every |x| < 2^62 (< 1 ulp + floor when d is a power of two, ρ_Q = 0);
 never a large error. Cost per call: 1 round, ``16·n`` logged bytes per party (the opening), plus
-the correlation: 3·n elements made by party 0 (TFP, no messages) or by the dealer (TTP: a request
-answered with party 0's 2·n elements; party 1 draws all of its shares from its PRG).
+the correlation: 3·n elements made by party 0 (TFP, no messages) or by the dealer (``protocols.tape``:
+party 0's 2·n elements in the step's tape; party 1 draws all of its shares from seeds).
 Public: shapes, d, c (uniform). ``ProtocolConfig.truncation = "local"`` keeps CrypTen's local
 truncation (0 rounds, the hazard above) for comparison.
 """
@@ -27,12 +27,12 @@ from __future__ import annotations
 import torch
 
 from protocols.compat import comm
-from protocols.dealer import DealerMasks, TrustedFirstPartyMasks, fixed_mask_provider
+from protocols.dealer import TrustedFirstPartyMasks, fixed_mask_provider
 
 # CrypTen internals; protocols.compat (imported above) has already made CrypTen importable.
 from crypten.common.rng import generate_random_ring_element
+from crypten.cuda import CUDALongTensor
 from crypten.mpc.primitives import ArithmeticSharedTensor
-from crypten.mpc.provider.ttp_provider import TTPClient
 
 _OFFSET = 1 << 62
 _MASK32 = (1 << 32) - 1
@@ -42,6 +42,16 @@ def _signed(v: int) -> int:
     """``v mod 2^64`` as a signed 64-bit integer."""
     v %= 1 << 64
     return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def plain(t) -> torch.Tensor:
+    """The torch tensor under CrypTen's CUDA share wrapper (ring arithmetic below runs on it)."""
+    return t.tensor() if isinstance(t, CUDALongTensor) else t
+
+
+def wrap(t: torch.Tensor):
+    """A ring tensor as CrypTen holds shares: ``CUDALongTensor`` on CUDA, itself on the CPU."""
+    return CUDALongTensor(t) if t.is_cuda else t
 
 
 def udiv(t: torch.Tensor, d: int | torch.Tensor) -> torch.Tensor:
@@ -76,21 +86,14 @@ def correlation(size: torch.Size, d: int | torch.Tensor,
     rank = comm.get().get_rank()
     if isinstance(provider, TrustedFirstPartyMasks):  # party 0 draws r: NOT secure against party 0
         if rank == 0:
-            r = generate_random_ring_element(tuple(size), device=device)
+            r = plain(generate_random_ring_element(tuple(size), device=device))
             parts = (r, udiv(r, d), (r < 0).long())
         else:
             parts = (torch.zeros(size, dtype=torch.long, device=device),) * 3
         return tuple(ArithmeticSharedTensor(p, precision=0, src=0).share for p in parts)
-    if isinstance(provider, DealerMasks):
-        gen = TTPClient.get().get_generator(device=device)
-        r = generate_random_ring_element(tuple(size), generator=gen, device=device)
-        if rank == 0:
-            dd = d if isinstance(d, int) else d.tolist()
-            q, m = provider.request_trunc(tuple(size), dd, device)
-        else:
-            q = generate_random_ring_element(tuple(size), generator=gen, device=device)
-            m = generate_random_ring_element(tuple(size), generator=gen, device=device)
-        return r, q, m
+    from protocols.tape import TapeProvider
+    if isinstance(provider, TapeProvider):
+        return provider.trunc(size, d, device)
     raise NotImplementedError(f"no truncation correlation for {type(provider).__name__}")
 
 
@@ -100,19 +103,19 @@ def exact_div_(x: ArithmeticSharedTensor, d: int | torch.Tensor) -> ArithmeticSh
     if not isinstance(d, int):
         d = d.to(device=x.share.device, dtype=torch.long)
     rank = comm.get().get_rank()
-    r, q, m = correlation(x.share.size(), d, device=x.share.device)
-    c = comm.get().all_reduce(x.share + r + (_OFFSET if rank == 0 else 0))
+    r, q, m = (plain(t) for t in correlation(x.share.size(), d, device=x.share.device))
+    c = plain(comm.get().all_reduce(wrap(plain(x.share) + r + (_OFFSET if rank == 0 else 0))))
     not_wrapped = (c >= 0).long()  # 1 − msb(c)
     share = _wrap_constant(d) * not_wrapped * m - q
     if rank == 0:
         share = share + udiv(c, d) - torch.div(torch.as_tensor(_OFFSET, device=c.device), d,
                                                 rounding_mode="floor")
-    x.share = share
+    x.share = wrap(share)
     return x
 
 
 def local_div_(x: ArithmeticSharedTensor, d: int | torch.Tensor) -> ArithmeticSharedTensor:
     """CrypTen's 2-party local truncation (0 rounds; off by 2^64/d w.p. ≈ |x|/2^64)."""
-    x.share = x.share.div_(d, rounding_mode="trunc")
+    x.share = wrap(plain(x.share).div_(d, rounding_mode="trunc"))
     return x
 

@@ -41,9 +41,9 @@ def _die(topo: Topology) -> None:
 
 
 def _serve_then_die() -> None:
-    from protocols.compat import crypten
+    from protocols.dealer import serve
     threading.Timer(1.0, os._exit, (3,)).start()
-    crypten.mpc.provider.TTPServer()
+    serve()
 
 
 def _keep_multiplying(topo: Topology) -> None:

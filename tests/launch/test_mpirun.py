@@ -46,7 +46,7 @@ def _results(out: str) -> dict[int, dict[str, str]]:
     return {int(r["rank"]): r for r in rows}
 
 
-@pytest.mark.parametrize("n, provider", [(2, "TrustedFirstParty"), (3, "TrustedThirdParty")])
+@pytest.mark.parametrize("n, provider", [(2, "TrustedFirstParty"), (3, "TapeProvider")])
 def test_matmul_on_real_parties(n, provider):
     rc, out, _ = _mpirun(n, "matmul", "--timeout-s", "60")
     assert rc == 0, out

@@ -77,8 +77,9 @@ def test_meter_on_parties(provider, seed):
     if provider == "TFP":
         assert qkv["party_bytes"] == [16 * (18 + 24 + 12)] * 2 and qkv["rounds"] == 2
         assert qkv["wire_bytes"] == 16 * (18 + 24 + 12)
-    else:  # the dealer's answers (triple, truncation: 3 messages each) are logged by party 0 only
-        assert qkv["party_bytes"][0] > p1_bytes and qkv["rounds"] == 8
+    else:  # the same online cost; the dealer's traffic is counted apart (outside a step: online)
+        assert qkv["party_bytes"] == [16 * (18 + 24 + 12)] * 2 and qkv["rounds"] == 2
+        assert qkv["dealer_bytes"] > 8 * (12 + 2 * 12) and qkv["dealer_trips"] == 2, qkv
     stages = phases["prefill"]["stages"]
     assert stages["attention/softmax"]["rounds"] >= 8
     assert stages["attention"]["rounds"] >= stages["attention/softmax"]["rounds"]

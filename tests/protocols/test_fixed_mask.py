@@ -120,22 +120,13 @@ def test_fixed_matmul_bytes(provider, seed):
     for f in widths:
         nw, nout = D * f, 2 * f
         for rank, c in enumerate((p0, p1)):
-            # set-up opens W − B once: 16·|W| bytes (party 0 under the dealer also logs the request)
-            if provider == "TFP" or rank == 1:
-                assert c[f]["setup"] == (16 * nw, 1), (f, rank, c[f])
+            # set-up opens W − B once: 16·|W| bytes (the dealer's traffic is counted apart, protocols.tape)
+            assert c[f]["setup"] == (16 * nw, 1), (f, rank, c[f])
             # stock CrypTen opens x − a and W − b every call (+ the exact truncation of the output)
-            assert c[f]["stock"][0] >= calls * 16 * (nx + nw + nout), (f, rank, c[f])
-        # fixed mask: 16·|x| per party and 1 round per call, + the exact truncation of the output
-        # (16·|out|, 1 round); the dealer's answers are logged on party 0
-        assert p1[f]["fixed"] == (calls * 16 * (nx + nout), 2 * calls), (f, p1[f])
-        if provider == "TFP":
-            assert p0[f]["fixed"] == (calls * 16 * (nx + nout), 2 * calls), (f, p0[f])
-            assert p0[f]["stock"] == (calls * 16 * (nx + nw + nout), 2 * calls), (f, p0[f])
-        else:  # + 3 messages per dealer request (pair, truncation)
-            assert p0[f]["fixed"][1] == 8 * calls, (f, p0[f])
-    if provider == "dealer":  # the request overhead does not depend on |W| either
-        overhead = [p0[f]["fixed"][0] - calls * (16 * (nx + 2 * f) + 8 * 3 * 2 * f) for f in widths]
-        assert overhead[0] == overhead[1] and 0 < overhead[0] < 1000 * calls, overhead
+            assert c[f]["stock"] == (calls * 16 * (nx + nw + nout), 2 * calls), (f, rank, c[f])
+            # fixed mask: 16·|x| per party and 1 round per call, + the exact truncation of the output
+            # (16·|out|, 1 round): the same with the separate dealer as with TFP
+            assert c[f]["fixed"] == (calls * 16 * (nx + nout), 2 * calls), (f, rank, c[f])
     # per-call cost is flat in |W| (only the output's truncation grows, with |out|); stock CrypTen's grows with |W|
     flat = [p1[f]["fixed"][0] - calls * 16 * 2 * f for f in widths]
     assert flat[0] == flat[1], flat
