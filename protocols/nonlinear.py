@@ -154,8 +154,9 @@ def softmax(x: Secret, dim: int = -1, mask: Public | None = None, *,
     c = ``recip_scale(n)`` ≈ √n (the "(sum/N)" fix, precise for flat *and* peaked rows, with NR
     products near √n rather than n: √n-fold fewer truncation wraps). 6. ``[e]·[z]/c``.
     Public: shape, mask (e.g. causal). Every row must keep at least one entry; real logits > −1024.
-    Cost (n = row length ≥ 3, R rows): 9·⌈log2 n⌉ (max) + 10 (clamp) + 17 (exp) + 28 (reciprocal)
-    + 3 = 9·⌈log2 n⌉ + 58 rounds (n = 256: 130, measured; local: 9·⌈log2 n⌉ + 34);
+    Cost (n = row length ≥ 3, R rows, L = ⌈log2 n⌉): 11·⌊L/2⌋ + 9·(L mod 2) (max, ``tree_max``) + 10
+    (clamp) + 17 (exp) + 28 (reciprocal) + 3 = that + 58 rounds (n = 256: 102, measured; local
+    truncation: + 34);
     bytes ≈ 1.25 kB·n·R per party (measured: 2 rows of 2048 → 5.1 MB).
     Error: max abs 2e-3 on rows of length 1–8192, flat or peaked, logits in [−1000, 1000]
     (dominated by exp's relative error on the largest entries).

@@ -466,6 +466,9 @@ class TapeDealer:
         self.online: list[Desc] = []
         self.replayed = False
         self.step = OUTSIDE
+        self.ahead = None  # ((step, label, True), _tape(...)) computed during the previous step
+        self.exact = False  # the last step ran exactly as predicted
+        self.trusted: dict[str, bool] = {}  # per label: its last step ran as predicted
 
     def _setup_seeds(self) -> list[int]:
         """CrypTen's TTP seed exchange, then each party's base seed (its first draw)."""
@@ -490,6 +493,9 @@ class TapeDealer:
             if kind == "begin":
                 _, step, label, released = msg
                 self._forget(released)
+                if self.ahead is not None:
+                    for key in released:
+                        self.ahead[1][3].pop(key, None)
                 self._begin(step, label)
             elif kind == "end":
                 self._end(msg[2], msg[3])
@@ -555,23 +561,38 @@ class TapeDealer:
         raise ValueError(f"dealer: unknown correlation kind {kind!r}")
 
     # -- steps
-    def _begin(self, step: int, label: str) -> None:
-        self.step, self.label, self.online, self.replayed = step, label, [], False
-        self.start_masks = dict(self.masks)
-        history = self.history.get(label, [])
+    def _tape(self, step: int, history: list[list[Desc]],
+              masks: dict[int, torch.Tensor]) -> tuple[list[Desc], list, list, dict]:
+        """(predicted descriptors, descriptors sent, corrections, mask state after the step) of
+        ``step`` predicted from ``history``, starting from mask state ``masks``."""
         prev = history[-1] if history else None
         prev2 = history[-2] if len(history) > 1 else None
-        self.predicted = predict(prev, prev2)
-        shadow = dict(self.masks)
+        predicted = predict(prev, prev2)
+        shadow = dict(masks)
         descs, parts = [], []
-        for index, desc in enumerate(self.predicted):
+        for index, desc in enumerate(predicted):
             answer = self._answer(shadow, step, index, desc)
             descs.append(desc if answer is not None else None)
             parts += answer or []
-        self.shadow = shadow
-        numel = sum(p.numel() for p in parts)
-        _send_obj((descs, numel), 0, self.group)
+        return predicted, descs, parts, shadow
+
+    def _begin(self, step: int, label: str) -> None:
+        """Send step ``step``'s tape: the one computed ahead during the previous step if its
+        assumption held (that step ran exactly as predicted), else computed now. Then, if this step's
+        predecessor ran as predicted, compute the next step's tape ahead (while the parties work)."""
+        self.step, self.label, self.online, self.replayed = step, label, [], False
+        self.start_masks = dict(self.masks)
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead[0] == (step, label, self.exact):
+            self.predicted, descs, parts, self.shadow = ahead[1]
+        else:
+            self.predicted, descs, parts, self.shadow = self._tape(step, self.history.get(label, []),
+                                                                   self.masks)
+        _send_obj((descs, sum(p.numel() for p in parts)), 0, self.group)
         _send_flat(parts, 0, self.group)
+        if self.predicted and self.trusted.get(label):
+            history = (self.history.get(label, []) + [self.predicted])[-2:]
+            self.ahead = ((step + 1, label, True), self._tape(step + 1, history, self.shadow))
 
     def _replay(self, upto: int) -> None:
         """The true mask state at the first miss: the step's start state + its predicted head."""
@@ -582,6 +603,7 @@ class TapeDealer:
         self.masks, self.replayed = masks, True
 
     def _online(self, step: int, index: int, desc: Desc) -> None:
+        self.ahead = None  # a request outside the prediction: the next tape is computed afresh
         if step != OUTSIDE:
             if not self.replayed:
                 self._replay(index)
@@ -593,20 +615,15 @@ class TapeDealer:
             _send_flat(answer, 0, self.group)
 
     def _end(self, n: int, missed: int | None) -> None:
-        if missed is None:
+        self.exact = missed is None and n == len(self.predicted)  # the step ran as predicted
+        if self.exact:
+            actual, self.masks = self.predicted, self.shadow
+        elif missed is None:
             actual = self.predicted[:n]
-            if n == len(self.predicted):
-                self.masks = self.shadow
-            else:
-                self._replay(n)
+            self._replay(n)
         else:
             actual = self.predicted[:missed] + self.online
+        self.trusted[self.label] = self.exact
         self.history[self.label] = (self.history.get(self.label, []) + [actual])[-2:]
         self.step = OUTSIDE
 
-
-def serve_tape(cfg=None) -> None:
-    """Dealer main: serve tapes and online requests until the parties shut down."""
-    from protocols.config import ProtocolConfig, protocol_context
-    with protocol_context(cfg or ProtocolConfig(), dealer=True):
-        TapeDealer().serve()

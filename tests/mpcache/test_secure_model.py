@@ -124,12 +124,14 @@ def test_secure_model_matches_plaintext(spec):
         plain = hf(torch.tensor([prompts[0] + probe])).logits[0, -1]
     assert (cached[0, 0] - plain).abs().max().item() < LOGIT_ATOL
 
-    # fixed-mask LM head: per token it opens only the (1, 1, E) activation, not the (V, E) weight
+    # fixed-mask LM head: per token it opens only the (1, 1, E) activation, not the (V, E) weight,
+    # then the (1, 1, V) logits' exact truncation
     from mpcache.model import ModelArgs
     decode = r0["costs"]["phases"]["decode"]
     assert decode["tokens"] == len(PROMPTS) * (n_new - 1)
     lm_head_bytes = decode["stages"]["lm_head"]["party_bytes"][1]
-    assert lm_head_bytes == 16 * ModelArgs.from_hf(hf.config).dim * decode["tokens"]
+    args = ModelArgs.from_hf(hf.config)
+    assert lm_head_bytes == 16 * (args.dim + args.vocab_size) * decode["tokens"]
 
 
 def _smollm2_job(ids: list[int], n_new: int) -> list[int] | None:

@@ -329,7 +329,8 @@ def test_the_prompt_never_reaches_the_party_processes(server):
 
 @mpc
 def test_separate_dealer_mode():
-    """``--dealer``: a third process deals the correlations (TTP) and the tokens are the same; a dealer
+    """``--dealer``: a third process deals the correlations (``protocols.tape``) and the tokens and online
+    rounds are the same; a dealer
     that dies mid-request gives 503 and is replaced like an owner; SIGTERM stops everything cleanly."""
     server = DemoServer("--dealer")
     try:
@@ -347,7 +348,7 @@ def test_separate_dealer_mode():
                     break
         assert kind == "error" and data["status"] == 503 and "dealer (rank 2)" in data["error"], (kind, data)
         _agrees_with_plaintext(PROMPT, [first["id"]])
-        assert first["rounds"] > tfp_rounds  # CrypTen's TTP: one dealer request per multiplication
+        assert first["rounds"] == tfp_rounds  # the dealer's tape: the online rounds of -n 2
         pids = server.wait_ready(not_owner=h["parties"]["model_owner"])["parties"].values()
     finally:
         server.stop()

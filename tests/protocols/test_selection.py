@@ -49,9 +49,11 @@ def _job(seed: int, cases) -> dict[str, float]:
     first = (t == t.amax(-1, keepdim=True)).float().argmax(-1)
     err["argmax ties"] = (oh - F.one_hot(first, 17).float()).abs().max().item()
     err["topk ties count"] = (dec(sel.topk_mask(enc(t), 6)).sum(-1) - 6).abs().max().item()
+    err["tree_max ties"] = (dec(sel.tree_max(enc(t))) - t.amax(-1)).abs().max().item()
     # dims other than the last, and a 0-d input
     x = _distinct(gen, 5, 9).T.contiguous()  # (9, 5): argmax over dim 0
     err["argmax dim0"] = (dec(sel.argmax_onehot(enc(x), dim=0)) - F.one_hot(x.argmax(0), 9).float().T).abs().max().item()
+    err["tree_max dim0"] = (dec(sel.tree_max(enc(x), dim=0, keepdim=True)) - x.amax(0, keepdim=True)).abs().max().item() - 2e-5
     err["topk dim0"] = (dec(sel.topk_mask(enc(x), 4, dim=0)) - torch.zeros_like(x).scatter(0, x.topk(4, 0).indices, 1)).abs().max().item()
     err["argmax 0-d"] = abs(dec(sel.argmax_onehot(enc(torch.tensor(3.0)))).item() - 1)
     return err
@@ -78,6 +80,27 @@ def test_selection_matches_torch(seed):
 
 def test_selection_with_dealer(seed):
     _check(run_on("dealer", _job, seed, CASES[:4], timeout=300)[0], seed)
+
+
+def _max_rounds() -> dict[int, int]:
+    from protocols import selection as sel
+    from protocols.compat import comm, crypten
+
+    out = {}
+    for n in (2, 4, 8, 41, 256):
+        x = crypten.cryptensor(torch.randn(3, n), src=0)
+        comm.get().reset_communication_stats()
+        sel.tree_max(x)
+        out[n] = comm.get().get_communication_stats()["rounds"]
+    return out
+
+
+def test_tree_max_cost_formula():
+    """4-ary levels (11 rounds each) and one binary level (9) when ⌈log2 n⌉ is odd."""
+    import math
+    got = run_on("TFP", _max_rounds)[0]
+    want = {n: 11 * (math.ceil(math.log2(n)) // 2) + 9 * (math.ceil(math.log2(n)) % 2) for n in got}
+    assert got == want, (got, want)
 
 
 def test_reveal_to_one_party_is_counted():
