@@ -69,7 +69,8 @@ def setup(args: argparse.Namespace):
         check_length(length, config)
         for task in tasks:
             if task in GENERATION_TASKS:
-                GENERATION_TASKS[task]().sample(tokenizer, length, args.seed, 0, args.samples)
+                if not GENERATION_TASKS[task].needs_corpus:  # corpus tasks are checked when they run
+                    GENERATION_TASKS[task]().sample(tokenizer, length, args.seed, 0, args.samples)
             elif length <= (cont := PROSE_TASKS[task]().continuation):
                 raise ValueError(f"task {task!r} at length {length}: must exceed the continuation ({cont})")
     return model, tokenizer, tasks, lengths, make_policy, device
@@ -81,7 +82,7 @@ def run(args, model, tokenizer, tasks, lengths, make_policy,
     ``save(results, skipped {task: reason}, corpus name or None)`` runs after each (task, length), so
     a long run that is stopped keeps what it finished."""
     results, skipped, corpus_ids, corpus_name = [], {}, None, None
-    if prose := [t for t in tasks if t in PROSE_TASKS]:
+    if prose := [t for t in tasks if t in PROSE_TASKS or t == "niah_prose"]:
         try:
             corpus = load_corpus(args.corpus)
             corpus_ids = tokenizer(corpus.text).input_ids

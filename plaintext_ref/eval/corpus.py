@@ -7,6 +7,11 @@ Search order:
 3. Vim's user manual, ``/usr/share/vim/vim*/doc/usr_*.txt`` (package ``vim-runtime``).
 If none is present, :class:`CorpusUnavailable` says what to install; the CLI then skips the
 prose tasks with that message.
+
+Named corpora (:data:`CORPORA`, :func:`load_named`) let an evaluation score the same methods on two
+unrelated kinds of prose: ``python-doc`` (the Python 3.11 documentation, reST) and ``vim-doc`` (Vim's user
+manual ``usr_*.txt`` then the reference ``*.txt`` help files; package ``vim-runtime``). Both are Debian
+packages that ``make setup`` installs, each skipped with a message when absent.
 """
 from __future__ import annotations
 
@@ -52,6 +57,34 @@ def _python_doc_files() -> list[Path]:
 def _vim_doc_files() -> list[Path]:
     folders = sorted(glob.glob(VIM_DOC_GLOB))
     return sorted(Path(folders[-1]).glob("usr_*.txt")) if folders else []
+
+
+def _vim_all_files() -> list[Path]:
+    folders = sorted(glob.glob(VIM_DOC_GLOB))
+    if not folders:
+        return []
+    manual = sorted(Path(folders[-1]).glob("usr_*.txt"))
+    return manual + [p for p in sorted(Path(folders[-1]).glob("*.txt")) if p not in manual]
+
+
+CORPORA: dict[str, tuple[str, str]] = {  # name -> (Debian package, what it is)
+    "python-doc": ("python3.11-doc", "Python 3.11 documentation sources (reST)"),
+    "vim-doc": ("vim-runtime", "Vim user manual and help files"),
+}
+
+
+def load_named(name: str, *, max_chars: int = MAX_CHARS) -> Corpus:
+    """One of :data:`CORPORA` by name, or a directory path; CorpusUnavailable names the package to install."""
+    if name not in CORPORA:
+        if Path(name).is_dir():  # named after the folder, e.g. a copy of a corpus carried to another machine
+            return Corpus(Path(name).name, load_corpus(name, max_chars=max_chars).text)
+        raise ValueError(f"unknown corpus {name!r}; choose from {', '.join(CORPORA)} or give a directory")
+    files = _python_doc_files() if name == "python-doc" else _vim_all_files()
+    if not files:
+        raise CorpusUnavailable(f"corpus {name!r} is not installed (apt-get install {CORPORA[name][0]}, "
+                                f"or `make setup`)")
+    corpus = _read(name, files, max_chars)
+    return Corpus(name, corpus.text)
 
 
 def load_corpus(directory: str | Path | None = None, *, max_chars: int = MAX_CHARS) -> Corpus:

@@ -2,9 +2,11 @@
 
 Every sample is drawn from ``random.Random(f"{task}:{seed}:{length}:{index}")``, so the same
 arguments always give the same token ids. ``length`` is the whole sequence budget in tokens of the
-model's tokenizer, as in RULER: a generation task's prompt is as long as fits in
-``length − max_new_tokens`` (within one haystack unit, ≈ 25 tokens), and a prose task's window is
-exactly ``length`` tokens.
+model's tokenizer, as in RULER: a generation task's prompt is exactly ``length − max_new_tokens``
+tokens (the most haystack units that fit, then the gap of under one unit filled at the very start
+with the first tokens of the filler, so that samples of one length batch without padding), and a
+prose task's window is exactly ``length`` tokens. Needle tasks record ``answer_span``, the token
+range of the answer inside the prompt (for tracing where a KV policy loses it).
 
 Generation tasks (greedy decoding, raw text ending in an answer cue; scored on the decoded text):
 
@@ -15,6 +17,8 @@ Generation tasks (greedy decoding, raw text ending in an answer cue; scored on t
 * ``vt`` — RULER variable tracking: one chain of 4 hops ``VAR B = VAR A``; every name in the
   chain must be listed.
 * ``cwe`` — RULER common-words extraction over a numbered word list.
+* ``niah_prose`` — ``niah`` with a haystack of corpus prose instead of the noise filler (needs a
+  corpus; samples are assembled in token space).
 
 Retrieval haystacks are RULER's *noise* variant (the repeated "The grass is green…" filler):
 SmolLM2 retrieves from it up to 8K tokens but from real prose only to ≈1K (env_probe.md §4).
@@ -92,6 +96,20 @@ def noise_haystack(count: int, needles: list[tuple[float, str]]) -> str:
     return " ".join(units)
 
 
+def answer_span(tokenizer: PreTrainedTokenizerBase, text: str, answer: str) -> tuple[int, int] | None:
+    """Token range [start, end) of the first occurrence of ``answer`` in ``encode(text)``, or None
+    (no occurrence, or a tokenizer without offsets)."""
+    at = text.find(answer)
+    if at < 0:
+        return None
+    try:
+        offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+    except (TypeError, KeyError, NotImplementedError):
+        return None
+    hit = [i for i, (a, b) in enumerate(offsets) if a < at + len(answer) and b > at]
+    return (hit[0], hit[-1] + 1) if hit else None
+
+
 def magic_key(rng: random.Random) -> str:
     return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
 
@@ -107,13 +125,24 @@ class GenerationTask(ABC):
     def draw(self, rng: random.Random, index: int, n: int) -> tuple[Callable[[int], str], tuple[str, ...], dict]:
         """(render: unit count → prompt text, answers, meta) for sample ``index`` of ``n``."""
 
-    def sample(self, tokenizer: PreTrainedTokenizerBase, length: int, seed: int, index: int, n: int) -> Sample:
+    needs_corpus: ClassVar[bool] = False
+
+    def sample(self, tokenizer: PreTrainedTokenizerBase, length: int, seed: int, index: int, n: int,
+               corpus_ids: list[int] | None = None) -> Sample:
+        """Sample ``index`` of ``n``: a prompt of exactly ``length − max_new_tokens`` tokens."""
         render, answers, meta = self.draw(sample_rng(self.name, seed, length, index), index, n)
+        budget = length - self.max_new_tokens
         try:
-            ids, count = fit_prompt(tokenizer, render, length - self.max_new_tokens)
+            ids, count = fit_prompt(tokenizer, render, budget)
         except ValueError as err:
             raise ValueError(f"task {self.name!r} at length {length}: {err}") from None
-        return Sample(ids, answers, {**meta, "units": count, "prompt_tokens": len(ids)})
+        gap = budget - len(ids)
+        filler = encode(tokenizer, " ".join([NOISE] * (gap // 4 + 2)) + " ")[:gap]
+        span = answer_span(tokenizer, render(count), answers[0]) if answers else None
+        meta = {**meta, "units": count, "prompt_tokens": budget, "filler_tokens": gap}
+        if span is not None:
+            meta["answer_span"] = [span[0] + gap, span[1] + gap]
+        return Sample(filler + ids, answers, meta)
 
     def score(self, prediction: str, sample: Sample) -> float:
         return metrics.string_match_all(prediction, sample.answers)
@@ -161,6 +190,36 @@ class Niah(GenerationTask):
         needle = f"One of the special magic numbers for {key} is: {value}."
         render = lambda c: RULER_NIAH_HEAD + noise_haystack(c, [(depth, needle)]) + niah_question(key)
         return render, (value,), {"depth": depth, "key": key}
+
+
+@dataclass
+class NiahProse(Niah):
+    """``niah`` in a window of corpus prose: head + prose[:p] + needle + prose[p:] + question, in tokens."""
+
+    name: ClassVar[str] = "niah_prose"
+    needs_corpus: ClassVar[bool] = True
+
+    def sample(self, tokenizer, length, seed, index, n, corpus_ids=None):
+        if corpus_ids is None:
+            raise ValueError(f"task {self.name!r} needs corpus_ids")
+        rng = sample_rng(self.name, seed, length, index)
+        key, value = magic_key(rng), str(rng.randint(1_000_000, 9_999_999))
+        depth = index / (n - 1) if n > 1 else 0.5
+        needle_text = f" One of the special magic numbers for {key} is: {value}. "
+        head, needle, question = (encode(tokenizer, t) for t in (RULER_NIAH_HEAD, needle_text, niah_question(key)))
+        n_hay = length - self.max_new_tokens - len(head) - len(needle) - len(question)
+        if n_hay < 1 or len(corpus_ids) < n_hay:
+            raise ValueError(f"task {self.name!r} at length {length}: no room for a haystack "
+                             f"({n_hay} tokens; corpus {len(corpus_ids)})")
+        offset = rng.randrange(len(corpus_ids) - n_hay + 1)
+        hay, cut = corpus_ids[offset:offset + n_hay], round(depth * n_hay)
+        ids = head + hay[:cut] + needle + hay[cut:] + question
+        span = answer_span(tokenizer, needle_text, value)
+        start = len(head) + cut
+        meta = {"depth": depth, "key": key, "offset": offset, "prompt_tokens": len(ids)}
+        if span is not None:
+            meta["answer_span"] = [start + span[0], start + span[1]]
+        return Sample(ids, (value,), meta)
 
 
 @dataclass
@@ -280,7 +339,7 @@ class ProseTask:
 
 
 GENERATION_TASKS: dict[str, Callable[[], GenerationTask]] = {
-    cls.name: cls for cls in (Passkey, Niah, NiahMultikey, VariableTracking, CommonWords)}
+    cls.name: cls for cls in (Passkey, Niah, NiahMultikey, VariableTracking, CommonWords, NiahProse)}
 PROSE_TASKS: dict[str, Callable[[], ProseTask]] = {
     "ppl": lambda: ProseTask("ppl", "perplexity"),
     "fidelity": lambda: ProseTask("fidelity", "kl"),

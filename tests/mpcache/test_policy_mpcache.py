@@ -135,8 +135,10 @@ PROMPT = ("The quick brown fox jumps over the lazy dog while the farmer counts s
 N_NEW = 5  # 1 token from the prefill + 4 decode steps
 LOGIT_ATOL = 1e-2  # as tests/mpcache/test_secure_model.py
 # clusters of 16/8 so a ~60-token compacted cache has several competing clusters at both levels;
-# share_start=0 makes layer 1 reuse layer 0's static set and selections (tiny-llama has 2 layers)
-SMALL = MPCacheConfig(static_keep=0.5, cluster_sizes=(16, 8), level_ratios=(0.25, 0.25), share_start=0)
+# share_start=0 makes layer 1 reuse layer 0's static set and selections (tiny-llama has 2 layers);
+# window_tokens=8: the fixed observation window of config_for_budget (deviation 7), both sides
+SMALL = MPCacheConfig(static_keep=0.5, cluster_sizes=(16, 8), level_ratios=(0.25, 0.25), share_start=0,
+                      window_tokens=8)
 FULL_BUDGET = MPCacheConfig(static_keep=1.0, cluster_sizes=(16, 8), level_ratios=(1.0, 1.0),
                             share_layers=False)
 

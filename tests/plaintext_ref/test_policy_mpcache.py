@@ -148,5 +148,17 @@ def test_registry_and_budget_mapping():
     assert isinstance(p, MPCache)
     cfg = config_for_budget(0.05)
     assert cfg.static_keep == 0.3 and abs(cfg.level_ratios[1] - 0.05 / 0.3) < 1e-9
+    # deviation 7: a budget observes the last 32 prompt tokens; the authors' mapping keeps the last 20 %
+    assert cfg.window_tokens == 32 and cfg.window(4084) == 32 and cfg.window(20) == 20
+    authors = config_for_budget(0.05, mapping="authors")
+    assert authors.window_tokens is None and authors.window(4084) == 816
+    assert authors == MPCacheConfig(static_keep=0.3, level_ratios=(0.5, 0.05 / 0.3))
+    keep2b = config_for_budget(0.05, mapping="keep2b")
+    assert keep2b.static_keep == pytest.approx(0.1) and keep2b.level_ratios == (0.5, 0.5)
+    assert get_policy("mpcache", budget=0.05).config == cfg
     with pytest.raises(ValueError):
         config_for_budget(0.0)
+    with pytest.raises(ValueError, match="mapping"):
+        config_for_budget(0.05, mapping="nope")
+    with pytest.raises(ValueError, match="window_tokens"):
+        MPCacheConfig(window_tokens=0)
