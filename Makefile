@@ -30,10 +30,13 @@ $(STAMP):
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# Long local prose for perplexity/eval (no downloads at run time): Debian's Python docs sources.
+# Long local prose for perplexity/eval (no downloads at run time): Debian's Python docs sources, and
+# Vim's manual (vim-runtime) as the second corpus of benchmarks/kv_quality.py; each one skips gracefully.
 $(CORPUS):
 	(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc >/dev/null) \
 	  || echo "warning: could not install python3.11-doc; prose perplexity tasks will be skipped"
+	(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq vim-runtime >/dev/null) \
+	  || echo "warning: could not install vim-runtime; the vim-doc corpus of kv_quality will be skipped"
 
 # Headless Chromium + its WebDriver for the demo server's browser test (tests/mpcache/test_server_browser.py).
 CHROMEDRIVER := /usr/bin/chromedriver
@@ -42,8 +45,9 @@ $(CHROMEDRIVER):
 	  || echo "warning: could not install chromium + chromium-driver; the demo server's browser test will be skipped"
 
 # The prompt goes on standard input, which mpirun forwards to rank 0 (the client) only.
+# -n 3: client, model owner and a separate dealer (the secure mode; its online cost equals -n 2's).
 demo: setup
-	echo "What is the capital of France?" | $(MPIRUN) -n 2 $(PY) -m mpcache.launch --max-new-tokens 6
+	echo "What is the capital of France?" | $(MPIRUN) -n 3 $(PY) -m mpcache.launch --max-new-tokens 6
 
 test: setup
 	$(PY) -m pytest -q

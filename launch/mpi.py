@@ -26,9 +26,10 @@ def usage(prog: str = "python -m mpcache.launch") -> str:
     """How to start ``prog`` (shown when it was started without mpirun)."""
     return (f"{prog} must be started by mpirun, one process per role (the prompt on standard "
             "input reaches rank 0, the client, only):\n"
-            f"  echo PROMPT | mpirun -n 2 {prog} [flags]                  # client + model owner "
-            "(dealer inside party 0: NOT secure, benchmarking only)\n"
-            f"  echo PROMPT | mpirun --oversubscribe -n 3 {prog} [flags]  # + separate dealer rank 2\n"
+            f"  echo PROMPT | mpirun --oversubscribe -n 3 {prog} [flags]  # client + model owner + "
+            "dealer rank 2 (secure)\n"
+            f"  echo PROMPT | mpirun -n 2 {prog} [flags]                  # dealer inside party 0: NOT "
+            "secure, benchmarking only\n"
             "As root, first: export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1\n"
             f"Two hosts: mpirun -n 1 -H CLIENT {prog} --prompt-file Q.txt --master-addr 0.0.0.0 "
             f"--advertise-addr CLIENT : -n 1 -H OWNER {prog} --model DIR")

@@ -1,4 +1,4 @@
-"""``mpirun -n 2 python -m mpcache.launch < prompt.txt``: private greedy generation on secret shares.
+"""``mpirun -n 3 python -m mpcache.launch < prompt.txt``: private greedy generation on secret shares.
 
 Each party's secret input reaches that party's process only. Rank 0, the client, reads the prompt
 from standard input (Open MPI forwards stdin to rank 0 alone) or from ``--prompt-file`` and uses its
@@ -84,9 +84,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m mpcache.launch", description=__doc__.split("\n\n")[0],
-        epilog="Run under mpirun, prompt on standard input: `echo 'Hi!' | mpirun -n 2 python -m "
-               "mpcache.launch` (add --oversubscribe -n 3 for a separate dealer rank). Two hosts: "
-               "README, 'Running a private generation'.",
+        epilog="Run under mpirun, prompt on standard input: `echo 'Hi!' | mpirun --oversubscribe -n 3 "
+               "python -m mpcache.launch` (client, model owner, dealer; -n 2 puts the dealer inside party 0: "
+               "NOT secure). Two hosts: README, 'Running a private generation'.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = RunOptions()
     client = p.add_argument_group("client (rank 0) only; other ranks never read these")
