@@ -88,4 +88,5 @@ def test_audit_run_on_tiny_llama(tmp_path):
     assert l0["compared"] == 8 and l1["compared"] == 8 - l0["ties"] - l0["mismatches"]
     assert all(x["mismatches"] == x["faults"] == 0 for x in row["levels"])
     assert len(row["tokens"]["mpc"]) == 2
-    assert "tiny-llama | cpu | 300" in out.with_suffix(".md").read_text()
+    assert row["truncation"] == "exact"
+    assert "tiny-llama | cpu | exact | 300" in out.with_suffix(".md").read_text()
