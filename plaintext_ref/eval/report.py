@@ -117,7 +117,7 @@ def _length_table(length: int, rows: list[dict]) -> list[str]:
     full = next((r for r in ok if r["policy"] == "full"), None)
     kls = _task_keys(ok, "fidelity")
     pn = _task_keys(ok, "niah_prose")
-    head = ["method", "budget", "attended", "kept", "niah (n)", "Δ niah vs full"] + \
+    head = ["method", "budget", "attended", "kept", "kv bytes", "niah (n)", "Δ niah vs full"] + \
            [f"niah in {k.split('@')[1]}" for k in pn] + \
            [f"KL@{k.split('@')[1]} (n)" for k in kls] + [f"top1@{k.split('@')[1]}" for k in kls]
     out = [f"## {length} tokens", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -132,6 +132,7 @@ def _length_table(length: int, rows: list[dict]) -> list[str]:
             cells += [f"{att:.0f} ({att / prompt:.1%}){warn}", f"{kept:.0f} ({kept / prompt:.0%})"]
         else:
             cells += ["–", "–"]
+        cells.append(f"{r['kv_bytes']:,.0f}" if r.get("kv_bytes") is not None else "–")
         cells.append(f"{_ci(niah['score'])} ({niah['n']})" if niah else "–")
         cells.append(_pair(niah["score"], full["results"]["niah"]["score"]) if niah and full and
                      r is not full and "niah" in full["results"] else "–")

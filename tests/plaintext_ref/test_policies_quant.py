@@ -206,16 +206,17 @@ def test_cache_bytes_and_kv_quality_column(tiny_llama):
     assert cache_bytes(KIVI(group_size=4, residual_length=8), cfg, 100) == 2 * KIVI(
         group_size=4, residual_length=8).cache_memory(100, 2, 16).bytes
     assert cache_bytes(SnapKV(budget=0.5), cfg, 100) is None
-    args = type("Args", (), {"policies": "kivi,mikv,vidkv", "budgets": "0.1,0.2"})()
-    assert kv_quality.cells(args) == [("full", None), ("kivi", None), ("mikv", 0.1), ("mikv", 0.2), ("vidkv", None)]
-    report = {"config": {"model": "m", "length": 64, "samples": 1, "seed": 0, "tasks": "ppl"},
-              "environment": {"device_name": "cpu", "torch": "x"},
-              "rows": [{"policy": "full", "budget": None, "scores": {"ppl": 2.0}, "seconds": 1, "kv_bytes": 8192.0},
-                       {"policy": "kivi", "budget": None, "scores": {"ppl": 2.5}, "seconds": 1, "kv_bytes": 2000.25},
-                       {"policy": "snapkv", "budget": 0.1, "scores": {"ppl": 3.0}, "seconds": 1, "kv_bytes": None}]}
-    table = kv_quality.to_markdown(report)
-    assert "| kv bytes |" in table and "| full | full | 2 | 8,192 |" in table
-    assert "| kivi | – | 2.5 | 2,000 |" in table and "| snapkv | 10% | 3 | – |" in table
+    args = type("Args", (), {"policies": "kivi,mikv,vidkv", "budgets": "0.1,0.2", "lengths": "4096",
+                             "other_lengths": "first"})()
+    assert kv_quality.cells(args) == [(4096, "full", None), (4096, "kivi", None), (4096, "mikv", 0.1),
+                                      (4096, "mikv", 0.2), (4096, "vidkv", None)]
+    from plaintext_ref.eval.report import _length_table
+    rows = [{"policy": "full", "budget": None, "results": {}, "kv_bytes": 8192.0},
+            {"policy": "kivi", "budget": None, "results": {}, "kv_bytes": 2000.25},
+            {"policy": "snapkv", "budget": 0.1, "results": {}, "kv_bytes": None}]
+    table = "\n".join(_length_table(64, rows))
+    assert "| kv bytes |" in table and "| full | full | – | – | 8,192 |" in table, table
+    assert "| kivi | – | – | – | 2,000 |" in table and "| snapkv | 10% | – | – | – |" in table, table
 
 
 # ---------------------------------------------------------------- KIVI on tiny-llama
