@@ -22,7 +22,7 @@ Cost (logged, per party): set-up ``16·|W|`` bytes, 1 round (+ the dealer reques
 ``16·|x|`` bytes, 1 round, independent of ``|W|``, + the exact truncation ``16·|x @ W|`` bytes, 1 round. With the separate dealer, party 0 also logs the
 dealer's answer ``8·|x @ W|`` bytes plus a small pickled request/size (3 extra rounds), as CrypTen's
 TTP does; with TFP the correlations cost nothing (and party 0 knows ``B``: NOT secure).
-Error: < 1.5 ulps (exact truncation; local truncation: ±1 ulp and a 2^32-ulp error w.p. ≈ |v|/2^32).
+Error: ≤ 2 ulps (exact truncation; local truncation: ±1 ulp and a 2^32-ulp error w.p. ≈ |v|/2^32).
 
 Baseline: ``StockOperand`` has the same interface but keeps ``[W]`` as a plain share, and
 ``fixed_matmul`` then runs CrypTen's own Beaver matmul (opens ``x − A`` and ``W − B`` every call:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 from protocols.compat import crypten
+from protocols.config import active_config
 from protocols.selection import tree_max
 from protocols.types import Secret
 
@@ -54,8 +55,10 @@ def update_last_cluster(rmin: Secret, rmax: Secret, k_new: Secret, t: int, s: in
 
 
 def representative_keys(rmin: Secret, rmax: Secret, alpha: float) -> Secret:
-    """``[k̃] = α[r_max] + (1−α)[r_min]`` (..., C, D). Local (public-scalar products)."""
-    return rmax * alpha + rmin * (1 - alpha)
+    """``[k̃] = α[r_max] + (1−α)[r_min]`` (..., C, D): coefficients rounded to 2^−coef_frac_bits, one
+    exact truncation (1 round, ``protocols.nonlinear._dot_public``)."""
+    from protocols.nonlinear import _dot_public
+    return _dot_public([rmax, rmin], [alpha, 1 - alpha], active_config().coef_frac_bits)
 
 
 def cluster_scores(q: Secret, krep: Secret) -> Secret:

@@ -10,14 +10,13 @@ Scholl (CRYPTO 2020, "TruncAPr"), generalised from 2^f to any d < 2^31:
 Dealer (offline): uniform r ∈ Z_2^64 and sharings of r, q_r = ⌊r_u/d⌋ and m_r = msb(r) (r_u: r read
     as an unsigned 64-bit integer).
 Online, for [x] with |x| < 2^62:
-    1. y = x + 2^62 + ⌊d/2⌋ ∈ [0, 2^63) (party 0 adds the constant): msb(y) = 0; the ⌊d/2⌋ centres
-       the rounding (round half up instead of floor).
+    1. y = x + 2^62 ∈ [0, 2^63) (party 0 adds the constant): msb(y) = 0.
     2. Open c = y + r (1 round, ``n`` elements): uniform, so it hides y.
     3. The sum wrapped (y + r ≥ 2^64) iff m_r = 1 and msb(c) = 0, so [w] = (1 − msb(c))·[m_r] (local).
     4. y = c_u − r_u + w·2^64, hence ⌊y/d⌋ = ⌊c_u/d⌋ − q_r + w·Q + e with Q = ⌊2^64/d⌋ and
-       e ∈ {−1, 0, 1} (the three remainders), and [x/d] ≈ ⌊c_u/d⌋ − [q_r] + Q·[w] − ⌊2^62/d⌋.
-Error: |result − x/d| < 1.5 when d is a power of two (every product's rescaling: ρ_Q = 0), < 2 for
-other d (the remainder of 2^64 mod d), for every |x| < 2^62; never a large error. Cost per call: 1 round, ``16·n`` logged bytes per party (the opening), plus
+       e ∈ {−1, 0, 1} (the three remainders), and [⌊x/d⌋] = ⌊c_u/d⌋ − [q_r] + Q·[w] − ⌊2^62/d⌋.
+Error: |result − x/d| < 2 for every |x| < 2^62 (< 1 ulp + floor when d is a power of two, ρ_Q = 0);
+never a large error. Cost per call: 1 round, ``16·n`` logged bytes per party (the opening), plus
 the correlation: 3·n elements made by party 0 (TFP, no messages) or by the dealer (``protocols.tape``:
 party 0's 2·n elements in the step's tape; party 1 draws all of its shares from seeds).
 Public: shapes, d, c (uniform). ``ProtocolConfig.truncation = "local"`` keeps CrypTen's local
@@ -105,8 +104,7 @@ def exact_div_(x: ArithmeticSharedTensor, d: int | torch.Tensor) -> ArithmeticSh
         d = d.to(device=x.share.device, dtype=torch.long)
     rank = comm.get().get_rank()
     r, q, m = (plain(t) for t in correlation(x.share.size(), d, device=x.share.device))
-    centre = d // 2 if isinstance(d, int) else torch.div(d, 2, rounding_mode="floor")
-    c = plain(comm.get().all_reduce(wrap(plain(x.share) + r + ((_OFFSET + centre) if rank == 0 else 0))))
+    c = plain(comm.get().all_reduce(wrap(plain(x.share) + r + (_OFFSET if rank == 0 else 0))))
     not_wrapped = (c >= 0).long()  # 1 − msb(c)
     share = _wrap_constant(d) * not_wrapped * m - q
     if rank == 0:
