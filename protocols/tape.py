@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import pickle
-import time
 from typing import Any, Iterator, Sequence
 
 import numpy
@@ -53,7 +51,6 @@ from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
 from crypten.mpc.provider.provider import TupleProvider
 from crypten.mpc.provider.ttp_provider import TTPClient
 
-logger = logging.getLogger(__name__)
 
 Desc = tuple  # (kind, *public arguments) of plain builtins
 OUTSIDE = -1  # the step index of requests made outside any step
@@ -258,7 +255,7 @@ class TapeProvider(TupleProvider, FixedMaskProvider):
         self.missed: int | None = None
         self.released: list[int] = []
         self.keys = 0
-        self.stats = {"dealer_bytes": 0, "dealer_trips": 0, "dealer_wait_s": 0.0, "hits": 0, "misses": 0}
+        self.stats = {"dealer_bytes": 0, "dealer_trips": 0, "hits": 0, "misses": 0}
         self._ready = True
 
     def _check(self) -> None:
@@ -288,7 +285,6 @@ class TapeProvider(TupleProvider, FixedMaskProvider):
 
     def _receive_tape(self, label: str) -> None:
         """Party 0: ask for step ``self.step``'s tape and unpack it (one dealer trip)."""
-        t0 = time.perf_counter()
         self.stats["dealer_bytes"] += _send_obj(("begin", self.step, label, self._take_released()),
                                                 self.dealer, self.group)
         (descs, numel), nbytes = _recv_obj(self.dealer, self.group)
@@ -302,7 +298,6 @@ class TapeProvider(TupleProvider, FixedMaskProvider):
             at += len(group)
         self.stats["dealer_bytes"] += nbytes + 8 * numel
         self.stats["dealer_trips"] += 1
-        self.stats["dealer_wait_s"] += time.perf_counter() - t0
 
     def _take_released(self) -> list[int]:
         released, self.released = self.released, []
@@ -337,11 +332,9 @@ class TapeProvider(TupleProvider, FixedMaskProvider):
                                                 self.dealer, self.group)
         if not sizes:  # state only: the dealer applies it in order, nothing to wait for
             return []
-        t0 = time.perf_counter()
         flat = _recv_flat(_numel(sizes), self.dealer, self.group)
         self.stats["dealer_bytes"] += 8 * flat.numel()
         self.stats["dealer_trips"] += 1
-        self.stats["dealer_wait_s"] += time.perf_counter() - t0
         return _split(flat, sizes, device)
 
     # -- CrypTen's TupleProvider interface
