@@ -74,6 +74,10 @@ class ProtocolConfig:
         2-party division by a public integer (every product's rescaling): ``"exact"`` =
         ``protocols.truncation`` (1 round, never a wrap error); ``"local"`` = CrypTen's local share
         truncation (0 rounds, off by 2^32 ulps w.p. ≈ |v|/2^32 per product of value v).
+    nonlinear : str, default "lut"
+        Softmax, the norms and SiLU: ``"lut"`` = ``protocols.lut_nonlinear`` (one-round table
+        look-ups: softmax ⌈log2 n⌉ + 10 rounds, a norm 9, SiLU 3; its own exact truncations whatever
+        ``truncation`` says); ``"poly"`` = the comparison/Newton versions of ``protocols.nonlinear``.
     """
 
     precision_bits: int = 16
@@ -96,6 +100,7 @@ class ProtocolConfig:
     coef_frac_bits: int = 20
     mask_fill: float = 1024.0
     truncation: str = "exact"
+    nonlinear: str = "lut"
 
     def __post_init__(self) -> None:
         _check(8 <= self.precision_bits <= 30, "precision_bits must be in [8, 30]", self.precision_bits)
@@ -126,6 +131,9 @@ class ProtocolConfig:
                "coef_frac_bits must be in [1, 62 - precision_bits]", self.coef_frac_bits)
         _check(self.mask_fill > 0, "mask_fill must be > 0", self.mask_fill)
         _check(self.truncation in ("exact", "local"), 'truncation must be "exact" or "local"', self.truncation)
+        _check(self.nonlinear in ("lut", "poly"), 'nonlinear must be "lut" or "poly"', self.nonlinear)
+        _check(self.nonlinear == "poly" or self.precision_bits == 16,
+               'nonlinear="lut" needs precision_bits=16 (its tables are built for that scale)', self.nonlinear)
 
     def crypten_overrides(self) -> dict[str, object]:
         """The dotted ``crypten.cfg`` keys this config sets."""

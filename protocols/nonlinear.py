@@ -37,6 +37,7 @@ import math
 
 import torch
 
+from protocols import lut_nonlinear
 from protocols.compat import MPCTensor, crypten
 from protocols.config import ProtocolConfig, active_config
 from protocols.selection import mul_public_int, tree_max
@@ -160,9 +161,13 @@ def softmax(x: Secret, dim: int = -1, mask: Public | None = None, *,
     bytes ≈ 1.25 kB·n·R per party (measured: 2 rows of 2048 → 5.1 MB).
     Error: max abs 2e-3 on rows of length 1–8192, flat or peaked, logits in [−1000, 1000]
     (dominated by exp's relative error on the largest entries).
-    Config: mask_fill, recip_nr_iters, and exp's (exp_*, coef_frac_bits).
+    Config: nonlinear (``"lut"``: ``protocols.lut_nonlinear.softmax``, ⌈log2 n⌉ + 10 rounds, error ≤
+    2e-3 for kept logits spread ≤ 120; the rest of this docstring is ``"poly"``), mask_fill,
+    recip_nr_iters, and exp's (exp_*, coef_frac_bits).
     """
     cfg = cfg or active_config()
+    if cfg.nonlinear == "lut":
+        return lut_nonlinear.softmax(x, dim, mask)
     if mask is not None:
         mask = torch.as_tensor(mask, device=x.device).long()
         if not bool((mask.expand(x.size()).sum(dim) > 0).all()):
@@ -202,8 +207,12 @@ def sigmoid(x: Secret, *, cfg: ProtocolConfig | None = None) -> Secret:
 
 
 def silu(x: Secret, *, cfg: ProtocolConfig | None = None) -> Secret:
-    """``[x·σ(x)]``. Cost: sigmoid + 1 mul (39 rounds; local: 23). Error: max abs 2e-4·(1 + |x|) on all
-    reals (measured SmolLM2 inputs: [−31, 50]). Config: sigmoid's."""
+    """``[x·σ(x)]``. ``nonlinear="lut"``: ``protocols.lut_nonlinear.silu`` (3 rounds, error ≤ 5e-4 for
+    |x| < 62). ``"poly"``: sigmoid + 1 mul (39 rounds; local: 23), error max abs 2e-4·(1 + |x|) on
+    all reals (measured SmolLM2 inputs: [−42, 50]). Config: nonlinear, sigmoid's."""
+    cfg = cfg or active_config()
+    if cfg.nonlinear == "lut":
+        return lut_nonlinear.silu(x)
     return x * sigmoid(x, cfg=cfg)
 
 
@@ -300,10 +309,14 @@ def rms_norm(x: Secret, weight: Secret | Public, eps: float, *, cfg: ProtocolCon
     w is exact only to its owner's encoding (CrypTen: truncation to 2^−16), so the bound is
     relative to that encoded w. Measured (40 runs, the test's rows): worst 1.3e-3 (tiny), 4.1e-4
     (SmolLM2-like, public or secret w), 1.1e-3 / 4.8e-4 (layer_norm tiny / SmolLM2-like).
-    Config: norm_fine_log2, norm_coarse_log2, norm_switch, norm_ms_gain_log2, norm_fine_octaves,
+    Config: nonlinear (``"lut"``: ``protocols.lut_nonlinear.rms_norm``, 9 rounds, the same error bound
+    relative to the encoded w, on mean(x²) ∈ [2^−12, 2^21]; the rest of this docstring is ``"poly"``),
+    norm_fine_log2, norm_coarse_log2, norm_switch, norm_ms_gain_log2, norm_fine_octaves,
     norm_coarse_octaves, inv_sqrt_nr_iters, coef_frac_bits.
     """
     cfg = cfg or active_config()
+    if cfg.nonlinear == "lut":
+        return lut_nonlinear.rms_norm(x, weight, eps)
     return _weight(_normalise(x, eps, cfg), weight, cfg.coef_frac_bits)
 
 
@@ -312,9 +325,11 @@ def layer_norm(x: Secret, weight: Secret | Public, bias: Secret | Public, eps: f
     """``[(x − μ)/√(var + eps) · w + b]`` over the last dim (E), GPT-2's LayerNorm.
 
     Steps: ``[c] = [x] − mean([x])`` (local), then ``rms_norm``'s normalisation of ``[c]``.
-    Cost, error and config: as ``rms_norm`` with var in place of mean(x²).
+    Cost, error and config: as ``rms_norm`` with var in place of mean(x²) (``"lut"``: 10 rounds).
     """
     cfg = cfg or active_config()
+    if cfg.nonlinear == "lut":
+        return lut_nonlinear.layer_norm(x, weight, bias, eps)
     centred = x - x.mean(-1, keepdim=True)
     return _weight(_normalise(centred, eps, cfg), weight, cfg.coef_frac_bits) + bias
 

@@ -86,6 +86,8 @@ def payload_sizes(desc: Desc) -> list[tuple[int, ...]]:
         return [tuple(desc[1])]
     if kind == "trunc":
         return [tuple(desc[1])] * 2
+    if kind == "lut":
+        return [(*desc[1], 1 << desc[3])] * (2 if desc[4] else 1)
     return []  # fm_mask, fm_select: state only
 
 
@@ -113,6 +115,10 @@ def draw(desc: Desc, gen: torch.Generator, party1: bool, device) -> list[torch.T
         return [kbit(desc[1], 1)] + ([ring(desc[1])] if party1 else [])
     if kind == "trunc":
         return [ring(desc[1])] + ([ring(desc[1]), ring(desc[1])] if party1 else [])
+    if kind == "lut":  # (r, β) own; party 1 also (o, o·β)
+        _, size, _, bits, mult, _ = desc
+        n = 2 if mult else 1
+        return [ring(size) for _ in range(n)] + ([ring((*size, 1 << bits)) for _ in range(n)] if party1 else [])
     if kind == "fm_mask":
         return [ring(desc[2])]
     if kind == "fm_pair":
@@ -390,6 +396,15 @@ class TapeProvider(TupleProvider, FixedMaskProvider):
         r, q, m = self._correlate(("trunc", tuple(size), dd, _dtype(device)), device)
         return r, q, m
 
+    # -- look-up one-hots (protocols.lut)
+    def lut(self, size, shift, bits, mult, device=None) -> tuple[torch.Tensor, ...]:
+        """(r, o) or (r, o, β, o·β) shares for a look-up of ``size`` inputs (``protocols.lut``)."""
+        parts = self._correlate(("lut", tuple(size), int(shift), int(bits), bool(mult), _dtype(device)), device)
+        if not mult:
+            return tuple(parts)
+        r, beta, o, ob = parts
+        return r, o, beta, ob
+
     @staticmethod
     def _init():
         TTPClient._init()
@@ -529,6 +544,14 @@ class TapeDealer:
             r, d = p0[0] + p1[0], desc[2]
             dd = d if isinstance(d, int) else torch.tensor(d[1], device=dev).reshape(d[0])
             return [udiv(r, dd) - p1[1], (r < 0).long() - p1[2]]
+        if kind == "lut":
+            _, _, shift, bits, mult, _ = desc
+            r = p0[0] + p1[0]
+            onehot = torch.nn.functional.one_hot((r & ((1 << (shift + bits)) - 1)) >> shift, 1 << bits).long()
+            if not mult:
+                return [onehot - p1[1]]
+            beta = p0[1] + p1[1]
+            return [onehot - p1[2], onehot * beta.unsqueeze(-1) - p1[3]]
         if kind == "fm_mask":
             _, key, _, dim, _ = desc
             b = p0[0] + p1[0]

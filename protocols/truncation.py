@@ -5,7 +5,7 @@ after a product (ring integer z = v·2^32) comes out 2^32·2^-16 off whenever th
 ring's wrap, with probability ≈ |z|/2^64 = |v|/2^32 per element (``tests/protocols/test_truncation.py``
 measures it). Here every division by a public integer d (each fixed-point product's truncation by the
 scale, means, public ``div``) runs the dealer-assisted protocol of Escudero–Ghosh–Keller–Rachuri–
-Scholl (CRYPTO 2020, "TruncAPr"), generalised from 2^f to any d < 2^31:
+Scholl (CRYPTO 2020, "TruncAPr"), generalised from 2^f to any d < 2^31 (and powers of two up to 2^62):
 
 Dealer (offline): uniform r ∈ Z_2^64 and sharings of r, q_r = ⌊r_u/d⌋ and m_r = msb(r) (r_u: r read
     as an unsigned 64-bit integer).
@@ -55,10 +55,14 @@ def wrap(t: torch.Tensor):
 
 
 def udiv(t: torch.Tensor, d: int | torch.Tensor) -> torch.Tensor:
-    """``⌊t_u / d⌋ mod 2^64`` for int64 ``t`` read as unsigned and 1 ≤ d < 2^31 (int or int tensor).
+    """``⌊t_u / d⌋ mod 2^64`` for int64 ``t`` read as unsigned and 1 ≤ d < 2^31 (int or int tensor),
+    or an int power of two d ≤ 2^62 (a logical shift).
 
     Long division in two 32-bit digits: ``(rem(hi)·2^32 + lo) < d·2^32 < 2^63`` never overflows.
     """
+    if isinstance(d, int) and d >= 1 << 31:
+        k = d.bit_length() - 1
+        return (t >> k) & ((1 << (64 - k)) - 1)
     hi, lo = (t >> 32) & _MASK32, t & _MASK32
     q_hi = torch.div(hi, d, rounding_mode="floor")
     rest = (hi - q_hi * d) * (1 << 32) + lo
@@ -66,9 +70,12 @@ def udiv(t: torch.Tensor, d: int | torch.Tensor) -> torch.Tensor:
 
 
 def _check_divisor(d: int | torch.Tensor) -> None:
+    if isinstance(d, int) and d >= 1 << 31 and d & (d - 1) == 0 and d <= 1 << 62:
+        return
     low, high = (d, d) if isinstance(d, int) else (int(d.min()), int(d.max()))
     if not 1 <= low <= high < 1 << 31:
-        raise ValueError(f"exact truncation needs public divisors in [1, 2^31), got [{low}, {high}]")
+        raise ValueError("exact truncation needs public divisors in [1, 2^31) or powers of two up to 2^62, "
+                         f"got [{low}, {high}]")
 
 
 def _wrap_constant(d: int | torch.Tensor) -> int | torch.Tensor:
@@ -99,19 +106,31 @@ def correlation(size: torch.Size, d: int | torch.Tensor,
 
 def exact_div_(x: ArithmeticSharedTensor, d: int | torch.Tensor) -> ArithmeticSharedTensor:
     """``[x] ← [⌊x/d⌋]`` in place, for |x| < 2^62 and public 1 ≤ d < 2^31 (see module docstring)."""
-    _check_divisor(d)
-    if not isinstance(d, int):
-        d = d.to(device=x.share.device, dtype=torch.long)
-    rank = comm.get().get_rank()
-    r, q, m = (plain(t) for t in correlation(x.share.size(), d, device=x.share.device))
-    c = plain(comm.get().all_reduce(wrap(plain(x.share) + r + (_OFFSET if rank == 0 else 0))))
-    not_wrapped = (c >= 0).long()  # 1 − msb(c)
-    share = _wrap_constant(d) * not_wrapped * m - q
-    if rank == 0:
-        share = share + udiv(c, d) - torch.div(torch.as_tensor(_OFFSET, device=c.device), d,
-                                                rounding_mode="floor")
-    x.share = wrap(share)
+    (x.share,) = (wrap(t) for t in exact_div_many([(plain(x.share), d)]))
     return x
+
+
+def exact_div_many(items: list[tuple[torch.Tensor, int | torch.Tensor]]) -> list[torch.Tensor]:
+    """Shares of ``⌊x/d⌋`` for every (plain int64 share, public divisor) pair, all opened in one round."""
+    from protocols.rounds import open_many
+    rank = comm.get().get_rank()
+    prepared = []
+    for share, d in items:
+        _check_divisor(d)
+        if not isinstance(d, int):
+            d = d.to(device=share.device, dtype=torch.long)
+        r, q, m = (plain(t) for t in correlation(share.size(), d, device=share.device))
+        prepared.append((share + r + (_OFFSET if rank == 0 else 0), d, q, m))
+    opened = open_many([p[0] for p in prepared])
+    out = []
+    for c, (_, d, q, m) in zip(opened, prepared):
+        not_wrapped = (c >= 0).long()  # 1 − msb(c)
+        share = _wrap_constant(d) * not_wrapped * m - q
+        if rank == 0:
+            share = share + udiv(c, d) - torch.div(torch.as_tensor(_OFFSET, device=c.device), d,
+                                                    rounding_mode="floor")
+        out.append(share)
+    return out
 
 
 def local_div_(x: ArithmeticSharedTensor, d: int | torch.Tensor) -> ArithmeticSharedTensor:

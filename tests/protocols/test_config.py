@@ -41,6 +41,7 @@ def test_defaults_equal_previous_constants():
     ({"norm_switch": 2.0}, r"norm_coarse_octaves must contain the gained switch point 2\^-9"),
     ({"coef_frac_bits": 47}, r"coef_frac_bits must be in \[1, 62 - precision_bits\], got 47"),
     ({"mask_fill": -1.0}, "mask_fill must be > 0"),
+    ({"nonlinear": "fss"}, 'nonlinear must be "lut" or "poly"'),
 ])
 def test_rejects_bad_values(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -49,14 +50,17 @@ def test_rejects_bad_values(bad, message):
 
 def test_constraints_follow_the_fields_they_relate():
     ProtocolConfig(exp_halvings=6, exp_clamp_min=-64.0, sigmoid_clamp=64.0)  # a wider Taylor domain
-    ProtocolConfig(precision_bits=20, norm_ms_gain_log2=10, norm_fine_octaves=(-8, 30), norm_coarse_octaves=(-7, 15))
+    ProtocolConfig(precision_bits=20, nonlinear="poly", norm_ms_gain_log2=10, norm_fine_octaves=(-8, 30),
+                   norm_coarse_octaves=(-7, 15))
+    with pytest.raises(ValueError, match="needs precision_bits=16"):
+        ProtocolConfig(precision_bits=20)  # the look-up tables are built for the 2^16 encoding
     with pytest.raises(TypeError):
         ProtocolConfig(softmax="crypten")  # removed: nothing read it
 
 
 def test_context_overrides_and_restores():
     before = crypten.cfg.encoder.precision_bits, crypten.cfg.communicator.verbose
-    cfg = ProtocolConfig(precision_bits=20, count_communication=False)
+    cfg = ProtocolConfig(precision_bits=20, nonlinear="poly", count_communication=False)
     inner = ProtocolConfig(recip_nr_iters=2)
     assert active_config() == ProtocolConfig()
     with protocol_context(cfg, dealer=True):
@@ -84,11 +88,13 @@ def _knobs_job() -> dict[str, float]:
     want = logits.softmax(-1)
     x = enc(logits)
     err = lambda p: (p.get_plain_text() - want).abs().max().item()  # noqa: E731
-    one_step = ProtocolConfig(recip_nr_iters=1)
-    out = {"softmax": err(nl.softmax(x)), "softmax_cfg": err(nl.softmax(x, cfg=one_step))}
+    poly = ProtocolConfig(nonlinear="poly")  # the Newton reciprocal whose steps are the knob
+    one_step = ProtocolConfig(nonlinear="poly", recip_nr_iters=1)
+    out = {"softmax": err(nl.softmax(x, cfg=poly)), "softmax_cfg": err(nl.softmax(x, cfg=one_step)),
+           "softmax_lut": err(nl.softmax(x))}
     with protocol_context(one_step):
         out["softmax_context"] = err(nl.softmax(x))
-        out["softmax_context_cfg"] = err(nl.softmax(x, cfg=ProtocolConfig()))  # cfg= wins
+        out["softmax_context_cfg"] = err(nl.softmax(x, cfg=poly))  # cfg= wins
     low = enc(torch.tensor([-40.0]))  # e^-40: 0 under the default clamp at -32, e^-4 clamped at -4
     out["exp"] = nl.exp(low).get_plain_text().item()
     out["exp_cfg"] = nl.exp(low, cfg=ProtocolConfig(exp_clamp_min=-4.0)).get_plain_text().item()
@@ -100,7 +106,7 @@ def _knobs_job() -> dict[str, float]:
 @pytest.mark.mpc
 def test_knobs_change_the_protocols():
     out = run_on("TFP", _knobs_job)[0]
-    assert out["softmax"] < 2e-3 and out["softmax_context_cfg"] < 2e-3, out
+    assert out["softmax"] < 2e-3 and out["softmax_context_cfg"] < 2e-3 and out["softmax_lut"] < 2e-3, out
     assert out["softmax_cfg"] > 2e-2 and out["softmax_context"] > 2e-2, out  # 0.29² = 0.085 relative
     assert abs(out["exp"]) < 1e-4, out
     assert out["exp_cfg"] == pytest.approx(math.exp(-4), abs=1e-4), out  # exp: |err| ≤ 2e-3·(e^x + 0.02)

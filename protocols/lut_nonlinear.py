@@ -1,0 +1,276 @@
+"""Few-round softmax, norms and SiLU from one-round look-ups (``protocols.lut``) and batched rounds.
+
+The polynomial/Newton versions in ``protocols.nonlinear`` spend 8 rounds per comparison and 2 per
+product (softmax over 42 keys: 91 rounds; a norm 36; SiLU 39). Here every non-linear step is a
+table look-up whose index is the input stochastically rounded to a grid (1 round, no comparison),
+interpolated to first order, with independent openings of a step sharing one round
+(``protocols.rounds``) and products left untruncated until their scale has to come down.
+
+Scales: inputs and outputs at 2^16 (CrypTen's encoding); "@2^k" marks an intermediate at scale 2^k.
+
+* ``silu``: fine table of silu on [−16, 16) (step 1/32) with its tangent, silu(x) ≈ a_i + b_i·x
+  (the multiplier form, 1 round); coarse table (step 2) on [−64, 64) giving sel = [|x| < 12] and
+  far = [x ≥ 12]; silu = sel·fine + far·x (1 product round), one truncation.
+  Cost 3 rounds. Error ≤ 3e-4 for |x| < 10 (tangent: max|silu''|·h²/2), ≤ 5e-4 for 10 ≤ |x| < 62
+  (silu ≈ relu there: |x|·σ(−|x|)). Domain |x| < 62 (beyond, the coarse index wraps).
+* ``softmax``: masked entries take the value of the row's first kept entry (public choice, local),
+  so the row max is unchanged; a max tree of m = b + relu(a − b) with relu looked up at step 1/4
+  on [−128, 128) (⌈log2 n⌉ rounds; |m − max| ≤ ⌈log2 n⌉/4); e = exp(x − m) in two look-ups
+  (coarse e^c at integers c ∈ [−240, 16), then e^(x−c) ≈ e^f(1 + (x − c − f)) at step 1/32),
+  one product, one truncation; the reciprocal of s = Σe by ``_wide``; p = e·(1/s), one truncation.
+  Cost ⌈log2 n⌉ + 10 rounds for n ≤ 8192 rows whose kept logits spread ≤ 120 (measured on
+  SmolLM2-135M: ≤ 81). Error ≤ 2e-3 absolute (exp 5e-4 relative, reciprocal ≤ 3e-4 relative).
+* ``rms_norm`` / ``layer_norm``: x², x·w in one product round; mean(x²) (kept @2^32, so rows of
+  tiny activations keep their precision) divided by E in the same round as x·w's truncation;
+  1/√(mean + eps) by ``_wide`` on [2^−12, 2^21] (every SmolLM2 norm, token 0's 1.1e6 included);
+  then (x·w)·y and a truncation. Cost 9 rounds (layer_norm + 1 for the mean). Error ≤ 2e-3 of the
+  row's max |output|.
+
+``_wide``: f on [2^lo, 2^hi] for f = 1/v or 1/√v, from G look-ups of the same v at grids of step
+h_g = 2^(hi+1−g·a)/N (level g covers [0, 2^(hi+1−g·a))): level g gives f(c), f'(c) and
+[c < 2^(hi−(g+1)·a)] at its grid point c; y_g = f(c) + f'(c)·(v − c) (lo-form: the slope times the
+small v − c, so no large cancellation), and y = y_0 + Σ_g P_g·(y_g − y_{g−1}), P_g the product of the
+first g level bits (a level that wrapped is multiplied by an exact 0). Relative grid step at a
+level's lower end 2^(a+1)/N = 2^−6, so the tangent's relative error ≤ 2^−12·(f''c²/2f) (1/v: 2.4e-4,
+1/√v: 9e-5). Cost: 1 + max(1, G − 1) rounds (+1 truncation), y @2^52.
+
+Public: shapes, masks, all grids and tables. Security: as ``protocols.lut``; nothing else opened.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from protocols.compat import MPCTensor
+from protocols.lut import Request, Table, encode, grid, lookup_many, table
+from protocols.rounds import add_public, mul_many, share_of, to_secret
+from protocols.truncation import exact_div_many
+from protocols.types import Public, Secret
+
+F = 16  # fraction bits of CrypTen's encoding (ProtocolConfig.precision_bits must be 16 here)
+_WIDE_FRAC = 52  # scale of _wide's output
+_RELU_SHIFT, _RELU_LOW, _RELU_BITS = F - 2, -512, 10  # step 1/4 on [−128, 128)
+
+
+def _silu_ref(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(x)
+
+
+def _silu_grad(x: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+@functools.lru_cache(maxsize=None)
+def _silu_tables() -> tuple[Table, Table]:
+    """Fine: a = silu(c) − silu'(c)·c @2^40, b = silu'(c) @2^24 (× x @2^16); coarse: sel, far."""
+    fine = table([lambda c: _silu_ref(c) - _silu_grad(c) * c], shift=F - 5, low=-512, bits=10, in_frac=F,
+                 out_frac=40, slopes=[_silu_grad], slope_frac=24)
+    coarse = table([lambda c: (c.abs() < 12).double(), lambda c: (c >= 12).double()],
+                   shift=F + 1, low=-32, bits=6, in_frac=F, out_frac=0)
+    return fine, coarse
+
+
+def silu(x: Secret) -> Secret:
+    """``[x·σ(x)]`` in 3 rounds (module docstring)."""
+    fine, coarse = _silu_tables()
+    xs = share_of(x)
+    (a, bx), (bits, _) = lookup_many([Request(xs, fine, xs), Request(xs, coarse)])
+    sel_fine, far_x = mul_many([(bits[0], a[0] + bx[0]), (bits[1], xs)])
+    (out,) = exact_div_many([(sel_fine + far_x * (1 << 24), 1 << 24)])
+    return to_secret(out)
+
+
+# ---------------------------------------------------------------- softmax
+
+@functools.lru_cache(maxsize=None)
+def _relu_table() -> Table:
+    return table([lambda c: c.clamp(min=0)], shift=_RELU_SHIFT, low=_RELU_LOW, bits=_RELU_BITS,
+                 in_frac=F, out_frac=F)
+
+
+@functools.lru_cache(maxsize=None)
+def _exp_tables() -> tuple[Table, Table]:
+    """Coarse: e^c @2^20 and c @2^16 at the integers c ∈ [−240, 16); fine: the tangent of e^f at
+    step 1/32 on [−2, 2): a = e^f(1 − f) @2^32, b = e^f @2^16 (× the residual x − c @2^16)."""
+    c = grid(F, -240, 8, F)
+    coarse = Table(F, -240, torch.stack([encode(torch.exp(c), 20), encode(c, F)]))
+    fine = table([lambda f: torch.exp(f) * (1 - f)], shift=F - 5, low=-64, bits=7, in_frac=F, out_frac=32,
+                 slopes=[torch.exp], slope_frac=16)
+    return coarse, fine
+
+
+def _tree_max(xs: torch.Tensor) -> torch.Tensor:
+    """Row max over the last dim (keepdim) by m = b + relu(a − b): ⌈log2 n⌉ rounds."""
+    relu = _relu_table()
+    while xs.shape[-1] > 1:
+        half = xs.shape[-1] // 2
+        a, b, rest = xs[..., :half], xs[..., half:2 * half], xs[..., 2 * half:]
+        ((r,), _), = lookup_many([Request(a - b, relu)])
+        xs = torch.cat([b + r, rest], dim=-1)
+    return xs
+
+
+def _exp(z: torch.Tensor) -> torch.Tensor:
+    """e^z @2^16 for z @2^16 in [−238, 14]: 2 look-up rounds, 1 product, 1 truncation."""
+    coarse, fine = _exp_tables()
+    ((ec, c), _), = lookup_many([Request(z, coarse)])
+    lo = z - c
+    ((a,), (b_lo,)), = lookup_many([Request(lo, fine, lo)])
+    (e,) = mul_many([(ec, a + b_lo)])  # @2^52
+    (out,) = exact_div_many([(e, 1 << 36)])
+    return out
+
+
+def softmax(x: Secret, dim: int = -1, mask: Public | None = None) -> Secret:
+    """``[softmax(x)]`` along ``dim`` (optionally under a public 0/1 keep-mask): ⌈log2 n⌉ + 10 rounds
+    (+1 when the reciprocal needs more than 3 levels, n > 2^11)."""
+    xs = share_of(x).movedim(dim, -1)
+    m = None
+    if mask is not None:
+        m = torch.as_tensor(mask, device=xs.device).long().expand(x.size()).movedim(dim, -1)
+        if not bool((m.sum(-1) > 0).all()):
+            raise ValueError("softmax mask leaves a row with no kept entry")
+        ref = xs.gather(-1, m.argmax(-1, keepdim=True))  # the first kept entry (public position)
+        xs = xs * m + ref * (1 - m)
+    n = xs.shape[-1]
+    e = _exp(xs - _tree_max(xs))
+    if m is not None:
+        e = e * m
+    y = _wide(e.sum(-1, keepdim=True), "recip", *recip_range(n))  # @2^52
+    (y,) = exact_div_many([(y, 1 << 20)])  # @2^32
+    (p,) = mul_many([(e, y)])  # @2^48
+    (p,) = exact_div_many([(p, 1 << 32)])
+    return to_secret(p.movedim(-1, dim))
+
+
+def recip_range(n: int) -> tuple[int, int]:
+    """log2 range of s = Σ e^(x − m) over n entries: e^(±slack)·[1, n], slack = ⌈log2 n⌉/4 (the max
+    tree's error bound), widened by one octave each side."""
+    slack = math.ceil(math.log2(max(n, 2))) / 4 / math.log(2)
+    return math.floor(-slack) - 1, math.ceil(math.log2(max(n, 1)) + slack) + 1
+
+
+# ---------------------------------------------------------------- wide-range 1/v and 1/√v
+
+_WIDE = {"recip": (7, 14), "rsqrt": (9, 16)}  # (a: octaves per level, bits: log2 N)
+
+
+def _fn(kind: str):
+    if kind == "recip":
+        return (lambda v: 1 / v), (lambda v: -1 / v**2)
+    return (lambda v: v.rsqrt()), (lambda v: -0.5 * v.rsqrt() / v)
+
+
+def wide_levels(lo: int, hi: int, kind: str) -> int:
+    """G, the number of look-up levels ``_wide`` uses on [2^lo, 2^hi]."""
+    return max(1, math.ceil((hi - lo) / _WIDE[kind][0]))
+
+
+def wide_rounds(lo: int, hi: int, kind: str) -> int:
+    """Rounds of ``_wide`` (its look-up, residual products, level selection)."""
+    g = wide_levels(lo, hi, kind)
+    return 1 + (1 if g == 1 else max(2, g - 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _wide_levels(kind: str, lo: int, hi: int, in_frac: int) -> tuple[tuple[Table, int], ...]:
+    """Per level: its table (f(c) @2^52, f'(c) at the scale that puts the product with the truncated
+    residual at 2^52, c @2^16, the switch bit [c < next level's top / 2]) and that truncation t."""
+    a, bits = _WIDE[kind]
+    f, df = _fn(kind)
+    n_levels = wide_levels(lo, hi, kind)
+    levels = []
+    for g in range(n_levels):
+        top = hi + 1 - g * a  # level g's grid covers [0, 2^top)
+        shift = max(0, top - bits + in_frac)  # at the input's ulp the grid covers more than [0, 2^top)
+        t = max(0, shift - 12)  # the residual |v − c| < 2^shift keeps 12 bits
+        c = grid(shift, 0, bits, in_frac)
+        cc = c.clamp(min=2.0 ** (shift - in_frac))  # index 0 stands for (0, h): its upper end
+        switch = (c < 2.0 ** (top - 1 - a)).double() if g + 1 < n_levels else torch.zeros_like(c)
+        values = torch.stack([encode(f(cc), _WIDE_FRAC), encode(df(cc), _WIDE_FRAC - in_frac + t),
+                              torch.arange(1 << bits, dtype=torch.long) << shift,
+                              switch.long()])
+        levels.append((Table(shift, 0, values), t))
+    return tuple(levels)
+
+
+def _wide(v: torch.Tensor, kind: str, lo: int, hi: int, in_frac: int = F) -> torch.Tensor:
+    """f(v) @2^52 for v @2^in_frac in [2^lo, 2^hi] (module docstring; ``wide_rounds`` rounds)."""
+    levels = _wide_levels(kind, lo, hi, in_frac)
+    outs = lookup_many([Request(v, t) for t, _ in levels])
+    pairs, bits = [], []
+    for (_, t), ((_, slope, c, bit), _) in zip(levels, outs):
+        pairs.append((slope, _local_trunc(v - c, t)))
+        bits.append(bit)
+    g_max = len(levels) - 1
+    extend = g_max >= 2
+    got = mul_many(pairs + ([(bits[0], bits[1])] if extend else []))
+    ys = [fc + p for ((fc, *_), _), p in zip(outs, got)]
+    prefix = {1: bits[0]} if g_max >= 1 else {}
+    if extend:
+        prefix[2] = got[-1]
+    acc, applied = ys[0], set()
+    while len(applied) < g_max:
+        todo = [g for g in sorted(prefix) if g not in applied]
+        k = max(prefix)
+        grow = k + 1 <= g_max
+        got = mul_many([(prefix[g], ys[g] - ys[g - 1]) for g in todo] + ([(prefix[k], bits[k])] if grow else []))
+        for g, p in zip(todo, got):
+            acc = acc + p
+            applied.add(g)
+        if grow:
+            prefix[k + 1] = got[-1]
+    return acc
+
+
+def _local_trunc(share: torch.Tensor, t: int) -> torch.Tensor:
+    """Each party floors its share by 2^t: exact to 2 units for a value |z| ≪ 2^63 (off by 2^(64−t) with
+    probability ≈ |z|/2^63: ≈ 2^−38 for these residuals)."""
+    return torch.div(share, 1 << t, rounding_mode="floor") if t else share
+
+
+# ---------------------------------------------------------------- norms
+
+NORM_RANGE_LOG2 = (-12, 21)  # mean squares of SmolLM2-135M (token 0's 1.1e6 included) and the tiny models
+
+
+def _normalise_weighted(x: torch.Tensor, w: torch.Tensor, eps: float, w_secret: bool) -> torch.Tensor:
+    """(x·w)/√(mean(x²) + eps) @2^16 for x @2^16 (rows over the last dim) and w @2^16."""
+    e = x.shape[-1]
+    if w_secret:
+        sq, xw = mul_many([(x, x), (x, w)])
+    else:
+        (sq,) = mul_many([(x, x)])
+        xw = x * w
+    ms, xw = exact_div_many([(sq.sum(-1, keepdim=True), e), (xw, 1 << F)])  # ms @2^32: tiny rows keep bits
+    ms = add_public(ms, round(eps * 2**(2 * F)))
+    y = _wide(ms, "rsqrt", *NORM_RANGE_LOG2, in_frac=2 * F)  # @2^52
+    (y,) = exact_div_many([(y, 1 << 28)])  # @2^24
+    (out,) = mul_many([(xw, y)])  # @2^40
+    (out,) = exact_div_many([(out, 1 << 24)])
+    return out
+
+
+def _weight_share(x: Secret, weight: Secret | Public) -> tuple[torch.Tensor, bool]:
+    if isinstance(weight, MPCTensor):
+        return share_of(weight), True
+    w = torch.as_tensor(weight, dtype=torch.float64, device=share_of(x).device)
+    return encode(w, F), False
+
+
+def rms_norm(x: Secret, weight: Secret | Public, eps: float) -> Secret:
+    """``[x / √(mean(x²) + eps) · w]`` over the last dim: 6 + ``wide_rounds`` rounds (9)."""
+    w, secret = _weight_share(x, weight)
+    return to_secret(_normalise_weighted(share_of(x), w, eps, secret))
+
+
+def layer_norm(x: Secret, weight: Secret | Public, bias: Secret | Public, eps: float) -> Secret:
+    """``[(x − μ)/√(var + eps) · w + b]``: the mean (1 truncation round), then ``rms_norm``'s steps."""
+    xs = share_of(x)
+    (mean,) = exact_div_many([(xs.sum(-1, keepdim=True), xs.shape[-1])])
+    w, secret = _weight_share(x, weight)
+    out = to_secret(_normalise_weighted(xs - mean, w, eps, secret))
+    return out + bias
