@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from protocols.fixed_mask import FixedMaskOperand, StockOperand
+from protocols.fixed_mask import FixedMaskOperand, StockOperand, append_all
 from protocols.types import Secret
 
 if TYPE_CHECKING:
@@ -36,6 +36,8 @@ class SecretKVCache:
         """Append S new tokens: k, v (B, Hkv, S, D); opens only their masked rows."""
         if self.k is None:
             self.k, self.v = self.operand(k, grow_dim=2), self.operand(v, grow_dim=2)
+        elif isinstance(self.k, FixedMaskOperand):
+            append_all([(self.k, k), (self.v, v)])  # both openings in one round
         else:
             self.k.append(k)
             self.v.append(v)

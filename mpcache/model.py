@@ -19,8 +19,11 @@ from mpcache.cache import Sequence
 from plaintext_ref.models import max_context, model_family
 from protocols.compat import comm, crypten
 from protocols.cost import Meter
-from protocols.fixed_mask import FixedMaskOperand, StockOperand, fixed_matmul
+from protocols.config import active_config
+from protocols.fixed_mask import FixedMaskOperand, StockOperand, fixed_matmul, fixed_matmul_raw
 from protocols.nonlinear import gelu_tanh, layer_norm, rms_norm, silu
+from protocols.rounds import share_of, to_secret
+from protocols.truncation import exact_div_many
 from protocols.types import Public, Secret
 
 if TYPE_CHECKING:
@@ -133,6 +136,17 @@ def apply_rope(x: Secret, cos: torch.Tensor, sin: torch.Tensor) -> Secret:
     return x * cos + rotated * sin
 
 
+_ROPE_FRAC = 20  # fraction bits of the public RoPE coefficients in the fused projection
+
+
+def _rope_ring(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, frac: int) -> torch.Tensor:
+    """t·cos + rotate_half(t)·sin on ring shares with public cos, sin rounded to 2^−frac (exact, local)."""
+    half = t.shape[-1] // 2
+    ci = torch.round(cos.double() * 2**frac).long().to(t.device)
+    si = torch.round(sin.double() * 2**frac).long().to(t.device)
+    return t * ci + torch.cat([-t[..., half:], t[..., :half]], dim=-1) * si
+
+
 class SecureAttention:
     def __init__(self, args: ModelArgs, layer: int, wqkv: FixedMaskOperand, bqkv: Secret | None,
                  wo: FixedMaskOperand, bo: Secret | None, meter: Meter) -> None:
@@ -145,22 +159,55 @@ class SecureAttention:
         a = self.args
         B, S, _ = x.shape
         H, Hkv, D, G = a.n_heads, a.n_kv_heads, a.head_dim, a.n_groups
-        with self.meter.stage("qkv"):
-            qkv = _linear(x, self.wqkv, self.bqkv)  # (B, S, E) -> (B, S, (H + 2Hkv)·D)
-        q = qkv[..., : H * D].reshape(B, S, H, D).transpose(1, 2)  # (B, H, S, D)
-        k = qkv[..., H * D: (H + Hkv) * D].reshape(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
-        v = qkv[..., (H + Hkv) * D:].reshape(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
-        if rope is not None:
-            with self.meter.stage("rope"):
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if isinstance(self.wqkv, FixedMaskOperand) and active_config().truncation == "exact":
+            q, k, v = self._qkv_fused(x, rope)
+        else:
+            with self.meter.stage("qkv"):
+                qkv = _linear(x, self.wqkv, self.bqkv)  # (B, S, E) -> (B, S, (H + 2Hkv)·D)
+            q = qkv[..., : H * D].reshape(B, S, H, D).transpose(1, 2)  # (B, H, S, D)
+            k = qkv[..., H * D: (H + Hkv) * D].reshape(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+            v = qkv[..., (H + Hkv) * D:].reshape(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+            if rope is not None:
+                with self.meter.stage("rope"):
+                    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q = q * (1.0 / math.sqrt(D))
         cache = seq.caches[self.layer]
         with self.meter.stage("attention"):
             cache.append(k, v)
-        q = (q * (1.0 / math.sqrt(D))).reshape(B, Hkv, G * S, D)  # query heads h = kv·G + g
+        q = q.reshape(B, Hkv, G * S, D)  # query heads h = kv·G + g
         y = seq.policy.attend(self.layer, q, cache, mask, seq.partner(self.layer))  # (B, Hkv, G·S, D)
         y = y.reshape(B, H, S, D).transpose(1, 2).reshape(B, S, H * D)
         with self.meter.stage("attention"):
             return _linear(y, self.wo, self.bo)  # (B, S, H·D) -> (B, S, E)
+
+    def _qkv_fused(self, x: Secret, rope: Rope) -> tuple[Secret, Secret, Secret]:
+        """q/√D, k (RoPE'd) and v (B, heads, S, D) with one truncation round after the projection.
+
+        The projection stays at 2^32 (``fixed_matmul_raw``); RoPE's public cos, sin (and 1/√D for q)
+        multiply those ring integers as 2^−20-rounded integers, and one exact truncation per tensor
+        (all in one round) brings q, k (2^52) and v (2^32) back to 2^16 (values far below 2^62/2^52).
+        """
+        a = self.args
+        B, S, _ = x.shape
+        H, Hkv, D = a.n_heads, a.n_kv_heads, a.head_dim
+        with self.meter.stage("qkv"):
+            raw = fixed_matmul_raw(x, self.wqkv, transpose_w=True)  # (B, S, (H + 2Hkv)·D) @2^32
+            if self.bqkv is not None:
+                raw = raw + share_of(self.bqkv) * (1 << 16)
+
+        def heads(t: torch.Tensor, n: int) -> torch.Tensor:
+            return t.reshape(B, S, n, D).transpose(1, 2)
+
+        q, k, v = heads(raw[..., :H * D], H), heads(raw[..., H * D:(H + Hkv) * D], Hkv), heads(raw[..., (H + Hkv) * D:], Hkv)
+        c, inv = _ROPE_FRAC, 1.0 / math.sqrt(D)
+        with self.meter.stage("rope"):
+            if rope is None:
+                q, k = q * round(inv * 2**c), k * (1 << c)
+            else:
+                cos, sin = rope
+                q, k = _rope_ring(q, cos * inv, sin * inv, c), _rope_ring(k, cos, sin, c)
+            q, k, v = exact_div_many([(q, 1 << (16 + c)), (k, 1 << (16 + c)), (v, 1 << 16)])
+        return to_secret(q), to_secret(k), to_secret(v)
 
 
 class SecureMLP:

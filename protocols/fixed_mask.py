@@ -114,6 +114,10 @@ class FixedMaskOperand:
 
     def append(self, rows: Secret) -> None:
         """Concatenate ``[rows]`` along ``grow_dim``; opens only ``rows − B_new`` (``|rows|`` elements)."""
+        append_all([(self, rows)])
+
+    def _masked_rows(self, rows: Secret) -> tuple[ArithmeticSharedTensor, torch.Tensor]:
+        """Check ``rows``, draw their new mask rows [B_new]: (B_new, this party's share of rows − B_new)."""
         if self.grow_dim is None:
             raise ValueError("append needs an operand built with grow_dim")
         r = _arith(rows)
@@ -125,7 +129,9 @@ class FixedMaskOperand:
         if r.encoder.scale != self.encoder.scale:
             raise ValueError(f"rows scale {r.encoder.scale} != operand scale {self.encoder.scale}")
         b = self._provider.mask(self.key, r.size(), dim=self.grow_dim, device=r.device)
-        delta = _open(r.share - b.share)
+        return b, r.share - b.share
+
+    def _extend(self, b: ArithmeticSharedTensor, delta: torch.Tensor) -> None:
         self._share = torch.cat([self._share, self._mask_to_w(b.share, delta)], dim=self.grow_dim)
         self._delta = torch.cat([self._delta, delta], dim=self.grow_dim)
 
@@ -146,6 +152,16 @@ class FixedMaskOperand:
 
     def __repr__(self) -> str:
         return f"FixedMaskOperand(shape={tuple(self.shape)}, grow_dim={self.grow_dim}, key={self.key})"
+
+
+def append_all(pairs: list[tuple["FixedMaskOperand", Secret]]) -> None:
+    """``operand.append(rows)`` for every pair with all openings in one round (e.g. a layer's K and V)."""
+    from protocols.rounds import open_many
+    from protocols.truncation import plain, wrap
+    prepared = [(op, *op._masked_rows(rows)) for op, rows in pairs]
+    opened = open_many([plain(masked) for _, _, masked in prepared])
+    for (op, b, _), delta in zip(prepared, opened):
+        op._extend(b, wrap(delta))
 
 
 class StockOperand:
@@ -210,14 +226,7 @@ def fixed_matmul(x: Secret, w: Operand, *, transpose_w: bool = False) -> Secret:
     if isinstance(w, StockOperand):
         return x.matmul(w._value.transpose(-1, -2) if transpose_w else w._value)
     xa = _arith(x)
-    out_size = product_size(xa.size(), w.shape, transpose_w)  # raises on a shape mismatch
-    a, c = w._provider.pair(w.key, xa.size(), w.shape, transpose_w, device=xa.device)
-    eps = _open(xa.share - a.share)
-    # ε@δ + ε@[B] + [A]@δ + [C] = ε@[W] + [A]@δ + [C]   (party 0's [W] share already holds δ)
-    z = c.share + torch.matmul(eps, _t(w._share, transpose_w))
-    z += torch.matmul(a.share, _t(w._delta, transpose_w))
-    assert z.size() == out_size, f"product shape {tuple(z.size())} != {tuple(out_size)}"
-    result = ArithmeticSharedTensor.from_shares(z, precision=0)
+    result = ArithmeticSharedTensor.from_shares(fixed_matmul_raw(x, w, transpose_w=transpose_w), precision=0)
     sx, sw = xa.encoder.scale, w.encoder.scale
     result.encoder = xa.encoder if sx > 1 else w.encoder
     if sx > 1 and sw > 1:
@@ -225,6 +234,20 @@ def fixed_matmul(x: Secret, w: Operand, *, transpose_w: bool = False) -> Secret:
     out = MPCTensor([])
     out._tensor = result
     return out
+
+
+def fixed_matmul_raw(x: Secret, w: FixedMaskOperand, *, transpose_w: bool = False) -> torch.Tensor:
+    """This party's share of ``x @ W`` as ring integers at the product of the two scales (no
+    truncation: the caller folds it into a later one). Cost: 1 round, ``16·|x|`` logged bytes."""
+    xa = _arith(x)
+    out_size = product_size(xa.size(), w.shape, transpose_w)  # raises on a shape mismatch
+    a, c = w._provider.pair(w.key, xa.size(), w.shape, transpose_w, device=xa.device)
+    eps = _open(xa.share - a.share)
+    # ε@δ + ε@[B] + [A]@δ + [C] = ε@[W] + [A]@δ + [C]   (party 0's [W] share already holds δ)
+    z = c.share + torch.matmul(eps, _t(w._share, transpose_w))
+    z += torch.matmul(a.share, _t(w._delta, transpose_w))
+    assert z.size() == out_size, f"product shape {tuple(z.size())} != {tuple(out_size)}"
+    return z
 
 
 def share_weight(tensor: torch.Tensor | None, src: int, shape: tuple[int, ...], *,
