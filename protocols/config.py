@@ -76,7 +76,7 @@ class ProtocolConfig:
         truncation (0 rounds, off by 2^32 ulps w.p. ≈ |v|/2^32 per product of value v).
     nonlinear : str, default "lut"
         Softmax, the norms and SiLU: ``"lut"`` = ``protocols.lut_nonlinear`` (one-round table
-        look-ups: softmax ⌈log2 n⌉ + 10 rounds, a norm 9, SiLU 3; its own exact truncations whatever
+        look-ups: softmax ⌈log2 n⌉ + 10 rounds, a norm 7, SiLU 3; its own exact truncations whatever
         ``truncation`` says); ``"poly"`` = the comparison/Newton versions of ``protocols.nonlinear``.
     """
 

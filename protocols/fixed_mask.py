@@ -37,6 +37,7 @@ import torch
 
 from protocols.compat import MPCTensor, comm, crypten
 from protocols.dealer import fixed_mask_provider, product_size
+from protocols.truncation import plain, wrap
 from protocols.types import Public, Secret
 
 # CrypTen internals; protocols.compat (imported above) has already made CrypTen importable.
@@ -157,7 +158,6 @@ class FixedMaskOperand:
 def append_all(pairs: list[tuple["FixedMaskOperand", Secret]]) -> None:
     """``operand.append(rows)`` for every pair with all openings in one round (e.g. a layer's K and V)."""
     from protocols.rounds import open_many
-    from protocols.truncation import plain, wrap
     prepared = [(op, *op._masked_rows(rows)) for op, rows in pairs]
     opened = open_many([plain(masked) for _, _, masked in prepared])
     for (op, b, _), delta in zip(prepared, opened):
@@ -226,7 +226,7 @@ def fixed_matmul(x: Secret, w: Operand, *, transpose_w: bool = False) -> Secret:
     if isinstance(w, StockOperand):
         return x.matmul(w._value.transpose(-1, -2) if transpose_w else w._value)
     xa = _arith(x)
-    result = ArithmeticSharedTensor.from_shares(fixed_matmul_raw(x, w, transpose_w=transpose_w), precision=0)
+    result = ArithmeticSharedTensor.from_shares(wrap(fixed_matmul_raw(x, w, transpose_w=transpose_w)), precision=0)
     sx, sw = xa.encoder.scale, w.encoder.scale
     result.encoder = xa.encoder if sx > 1 else w.encoder
     if sx > 1 and sw > 1:
@@ -237,17 +237,26 @@ def fixed_matmul(x: Secret, w: Operand, *, transpose_w: bool = False) -> Secret:
 
 
 def fixed_matmul_raw(x: Secret, w: FixedMaskOperand, *, transpose_w: bool = False) -> torch.Tensor:
-    """This party's share of ``x @ W`` as ring integers at the product of the two scales (no
-    truncation: the caller folds it into a later one). Cost: 1 round, ``16·|x|`` logged bytes."""
-    xa = _arith(x)
-    out_size = product_size(xa.size(), w.shape, transpose_w)  # raises on a shape mismatch
-    a, c = w._provider.pair(w.key, xa.size(), w.shape, transpose_w, device=xa.device)
-    eps = _open(xa.share - a.share)
-    # ε@δ + ε@[B] + [A]@δ + [C] = ε@[W] + [A]@δ + [C]   (party 0's [W] share already holds δ)
-    z = c.share + torch.matmul(eps, _t(w._share, transpose_w))
-    z += torch.matmul(a.share, _t(w._delta, transpose_w))
-    assert z.size() == out_size, f"product shape {tuple(z.size())} != {tuple(out_size)}"
-    return z
+    """This party's share of ``x @ W`` (plain int64) at the product of the two scales (no truncation:
+    the caller folds it into a later one). Cost: 1 round, ``16·|x|`` logged bytes."""
+    from protocols.rounds import together
+    return together(matmul_step(plain(_arith(x).share), w, transpose_w=transpose_w))[0]
+
+
+def matmul_step(x: torch.Tensor, w: FixedMaskOperand, *, transpose_w: bool = False):
+    """``fixed_matmul_raw`` of a plain share ``x`` as a ``protocols.rounds.Pending`` step."""
+    from protocols.rounds import Pending
+    out_size = product_size(x.size(), w.shape, transpose_w)  # raises on a shape mismatch
+    a, c = w._provider.pair(w.key, x.size(), w.shape, transpose_w, device=x.device)
+
+    def finish(opened: list[torch.Tensor]) -> torch.Tensor:
+        # ε@δ + ε@[B] + [A]@δ + [C] = ε@[W] + [A]@δ + [C]   (party 0's [W] share already holds δ)
+        z = c.share + torch.matmul(wrap(opened[0]), _t(w._share, transpose_w))
+        z += torch.matmul(a.share, _t(w._delta, transpose_w))
+        assert z.size() == out_size, f"product shape {tuple(z.size())} != {tuple(out_size)}"
+        return plain(z)
+
+    return Pending([x - plain(a.share)], finish)
 
 
 def share_weight(tensor: torch.Tensor | None, src: int, shape: tuple[int, ...], *,

@@ -31,7 +31,7 @@ import torch
 
 from protocols.compat import comm
 from protocols.dealer import TrustedFirstPartyMasks, fixed_mask_provider
-from protocols.rounds import add_public, open_many
+from protocols.rounds import Pending, add_public, together
 from protocols.truncation import plain
 
 # CrypTen internals; protocols.compat (imported above) has already made CrypTen importable.
@@ -136,6 +136,11 @@ def _rotated_dot(o: torch.Tensor, c_hi: torch.Tensor, tables: torch.Tensor) -> t
 
 def lookup_many(requests: Sequence[Request]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Shares of ``(values[:, i], slopes[:, i]·w)`` per request (see module docstring), in 1 round."""
+    return together(lookup_step(requests))[0]
+
+
+def lookup_step(requests: Sequence[Request]) -> Pending:
+    """``lookup_many`` as a ``protocols.rounds.Pending`` step (to share a round with others)."""
     prepared, to_open = [], []
     for req in requests:
         t = req.table.to(req.x.device)
@@ -145,15 +150,18 @@ def lookup_many(requests: Sequence[Request]) -> list[tuple[torch.Tensor, torch.T
         to_open.append((x + corr[0]) & (modulus - 1))
         if req.mult is not None:
             to_open.append(req.mult - corr[2])
-        prepared.append((t, modulus, corr))
-    opened = iter(open_many(to_open))
-    out = []
-    for req, (t, modulus, corr) in zip(requests, prepared):
-        c_hi = (next(opened) & (modulus - 1)) >> t.shift
-        values = _rotated_dot(corr[1], c_hi, t.values)
-        prods = None
-        if req.mult is not None:
-            eps = next(opened)
-            prods = _rotated_dot(corr[1], c_hi, t.slopes) * eps + _rotated_dot(corr[3], c_hi, t.slopes)
-        out.append((values, prods))
-    return out
+        prepared.append((req, t, modulus, corr))
+
+    def finish(opened_list: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        opened, out = iter(opened_list), []
+        for req, t, modulus, corr in prepared:
+            c_hi = (next(opened) & (modulus - 1)) >> t.shift
+            values = _rotated_dot(corr[1], c_hi, t.values)
+            prods = None
+            if req.mult is not None:
+                eps = next(opened)
+                prods = _rotated_dot(corr[1], c_hi, t.slopes) * eps + _rotated_dot(corr[3], c_hi, t.slopes)
+            out.append((values, prods))
+        return out
+
+    return Pending(to_open, finish)

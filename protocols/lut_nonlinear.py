@@ -11,8 +11,8 @@ Scales: inputs and outputs at 2^16 (CrypTen's encoding); "@2^k" marks an interme
 * ``silu``: fine table of silu on [−16, 16) (step 1/32) with its tangent, silu(x) ≈ a_i + b_i·x
   (the multiplier form, 1 round); coarse table (step 2) on [−64, 64) giving sel = [|x| < 12] and
   far = [x ≥ 12]; silu = sel·fine + far·x (1 product round), one truncation.
-  Cost 3 rounds. Error ≤ 3e-4 for |x| < 10 (tangent: max|silu''|·h²/2), ≤ 5e-4 for 10 ≤ |x| < 62
-  (silu ≈ relu there: |x|·σ(−|x|)). Domain |x| < 62 (beyond, the coarse index wraps).
+  Cost 3 rounds. Error ≤ 5e-4 (tangent: max|silu''|·h²/2 = 2.4e-4 plus the slope's rounding for
+  |x| < 10; silu ≈ relu beyond, |x|·σ(−|x|) ≤ 4.6e-4). Domain |x| < 62 (beyond, the coarse index wraps).
 * ``softmax``: masked entries take the value of the row's first kept entry (public choice, local),
   so the row max is unchanged; a max tree of m = b + relu(a − b) with relu looked up at step 1/4
   on [−128, 128) (⌈log2 n⌉ rounds; |m − max| ≤ ⌈log2 n⌉/4); e = exp(x − m) in two look-ups
@@ -23,8 +23,8 @@ Scales: inputs and outputs at 2^16 (CrypTen's encoding); "@2^k" marks an interme
 * ``rms_norm`` / ``layer_norm``: x², x·w in one product round; mean(x²) (kept @2^32, so rows of
   tiny activations keep their precision) divided by E in the same round as x·w's truncation;
   1/√(mean + eps) by ``_wide`` on [2^−12, 2^21] (every SmolLM2 norm, token 0's 1.1e6 included);
-  then (x·w)·y and a truncation. Cost 9 rounds (layer_norm + 1 for the mean). Error ≤ 2e-3 of the
-  row's max |output|.
+  x·w folded into the level selection (``_scale_by_levels``) and one truncation. Cost 7 rounds
+  (layer_norm + 1 for the mean). Error ≤ 2e-3 of the row's max |output|.
 
 ``_wide``: f on [2^lo, 2^hi] for f = 1/v or 1/√v, from G look-ups of the same v at grids of step
 h_g = 2^(hi+1−g·a)/N (level g covers [0, 2^(hi+1−g·a))): level g gives f(c), f'(c) and
@@ -40,18 +40,20 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Sequence
 
 import torch
 
 from protocols.compat import MPCTensor
-from protocols.lut import Request, Table, encode, grid, lookup_many, table
-from protocols.rounds import add_public, mul_many, share_of, to_secret
-from protocols.truncation import exact_div_many
+from protocols.lut import Request, Table, encode, grid, lookup_many, lookup_step, table
+from protocols.fixed_mask import FixedMaskOperand, fixed_matmul_raw, matmul_step
+from protocols.rounds import Pending, add_public, mul_many, mul_step, share_of, to_secret, together
+from protocols.truncation import exact_div_many, trunc_step
 from protocols.types import Public, Secret
 
 F = 16  # fraction bits of CrypTen's encoding (ProtocolConfig.precision_bits must be 16 here)
 _WIDE_FRAC = 52  # scale of _wide's output
-_RELU_SHIFT, _RELU_LOW, _RELU_BITS = F - 2, -512, 10  # step 1/4 on [−128, 128)
+_RELU_LOW, _RELU_BITS = -512, 10  # relu's grid: step 1/4 on [−128, 128)
 
 
 def _silu_ref(x: torch.Tensor) -> torch.Tensor:
@@ -86,9 +88,10 @@ def silu(x: Secret) -> Secret:
 # ---------------------------------------------------------------- softmax
 
 @functools.lru_cache(maxsize=None)
-def _relu_table() -> Table:
-    return table([lambda c: c.clamp(min=0)], shift=_RELU_SHIFT, low=_RELU_LOW, bits=_RELU_BITS,
-                 in_frac=F, out_frac=F)
+def _relu_table(in_frac: int = F) -> Table:
+    """relu at step 1/4 on [−128, 128) of an input @2^in_frac, output @2^16."""
+    return table([lambda c: c.clamp(min=0)], shift=in_frac - 2, low=_RELU_LOW, bits=_RELU_BITS,
+                 in_frac=in_frac, out_frac=F)
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,22 +131,70 @@ def softmax(x: Secret, dim: int = -1, mask: Public | None = None) -> Secret:
     """``[softmax(x)]`` along ``dim`` (optionally under a public 0/1 keep-mask): ⌈log2 n⌉ + 10 rounds
     (+1 when the reciprocal needs more than 3 levels, n > 2^11)."""
     xs = share_of(x).movedim(dim, -1)
-    m = None
-    if mask is not None:
-        m = torch.as_tensor(mask, device=xs.device).long().expand(x.size()).movedim(dim, -1)
-        if not bool((m.sum(-1) > 0).all()):
-            raise ValueError("softmax mask leaves a row with no kept entry")
-        ref = xs.gather(-1, m.argmax(-1, keepdim=True))  # the first kept entry (public position)
-        xs = xs * m + ref * (1 - m)
-    n = xs.shape[-1]
-    e = _exp(xs - _tree_max(xs))
+    m = _keep_mask(mask, x.size(), dim, xs.device)
     if m is not None:
-        e = e * m
-    y = _wide(e.sum(-1, keepdim=True), "recip", *recip_range(n))  # @2^52
+        xs = _fill_masked(xs, m)
+    e = _masked_exp(xs, _tree_max(xs), m)
+    y = _wide(e.sum(-1, keepdim=True), "recip", *recip_range(xs.shape[-1]))  # @2^52
     (y,) = exact_div_many([(y, 1 << 20)])  # @2^32
     (p,) = mul_many([(e, y)])  # @2^48
     (p,) = exact_div_many([(p, 1 << 32)])
     return to_secret(p.movedim(-1, dim))
+
+
+def _keep_mask(mask: Public | None, size, dim: int, device) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    m = torch.as_tensor(mask, device=device).long().expand(size).movedim(dim, -1)
+    if not bool((m.sum(-1) > 0).all()):
+        raise ValueError("softmax mask leaves a row with no kept entry")
+    return m
+
+
+def _fill_masked(xs: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Masked entries take the row's first kept entry (a public position): the row max is unchanged
+    and no difference leaves the kept logits' spread (local)."""
+    ref = xs.gather(-1, m.argmax(-1, keepdim=True))
+    return xs * m + ref * (1 - m)
+
+
+def _masked_exp(xs: torch.Tensor, mx: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    e = _exp(xs - mx)
+    return e if m is None else e * m
+
+
+def attention(q: Secret, keys: FixedMaskOperand, values: FixedMaskOperand, mask: Public | None = None,
+              probs: bool = False) -> tuple[Secret, Secret | None]:
+    """``softmax(q·Kᵀ, mask)·V`` (and the probabilities if ``probs``) with the normalisation moved after
+    the value product: q (…, S, D) @2^16, K, V (…, T, D) fixed-mask operands, mask (S, T) or None.
+
+    Rounds: q·Kᵀ (1, left at 2^32); its truncation shares a round with the max tree's first level
+    (relu looked up on the untruncated differences); the rest of the tree; exp (4); e·V shares a round
+    with the reciprocal's look-up and e·V's truncation with its residual products; the selection; y's
+    truncation; (e·V)·y (with e·y for ``probs``); a truncation: ⌈log2 T⌉ + 11 rounds for T ≤ 2^11
+    (+1 above), vs ⌈log2 T⌉ + 14 for ``softmax`` then two matmuls.
+    """
+    raw = fixed_matmul_raw(q, keys, transpose_w=True)  # (…, S, T) @2^32
+    m = _keep_mask(mask, raw.shape, -1, raw.device)
+    if m is not None:
+        raw = _fill_masked(raw, m)
+    n = raw.shape[-1]
+    if n == 1:
+        (xs,) = exact_div_many([(raw, 1 << F)])
+        mx = xs
+    else:
+        half = n // 2
+        (xs,), (((r,), _),) = together(trunc_step([(raw, 1 << F)]),
+                                       lookup_step([Request(raw[..., :half] - raw[..., half:2 * half],
+                                                            _relu_table(2 * F))]))
+        mx = _tree_max(torch.cat([xs[..., half:2 * half] + r, xs[..., 2 * half:]], dim=-1))
+    e = _masked_exp(xs, mx, m)
+    ev, state = together(matmul_step(e, values), _wide_step(e.sum(-1, keepdim=True), "recip", *recip_range(n)))
+    y, ((ev,),) = _wide_select(state, [trunc_step([(ev, 1 << F)])])
+    (y,) = exact_div_many([(y, 1 << 20)])  # @2^32
+    products = mul_many([(ev, y)] + ([(e, y)] if probs else []))  # @2^48
+    outs = exact_div_many([(t, 1 << 32) for t in products])
+    return to_secret(outs[0]), (to_secret(outs[1]) if probs else None)
 
 
 def recip_range(n: int) -> tuple[int, int]:
@@ -199,15 +250,28 @@ def _wide_levels(kind: str, lo: int, hi: int, in_frac: int) -> tuple[tuple[Table
 
 def _wide(v: torch.Tensor, kind: str, lo: int, hi: int, in_frac: int = F) -> torch.Tensor:
     """f(v) @2^52 for v @2^in_frac in [2^lo, 2^hi] (module docstring; ``wide_rounds`` rounds)."""
+    (state,) = together(_wide_step(v, kind, lo, hi, in_frac))
+    return _wide_select(state)[0]
+
+
+def _wide_step(v: torch.Tensor, kind: str, lo: int, hi: int, in_frac: int = F) -> Pending:
+    """``_wide``'s look-up round; its finish gives the state ``_wide_select`` continues from."""
     levels = _wide_levels(kind, lo, hi, in_frac)
-    outs = lookup_many([Request(v, t) for t, _ in levels])
+    step = lookup_step([Request(v, t) for t, _ in levels])
+    return Pending(step.opens, lambda opened: (v, levels, step.finish(opened)))
+
+
+def _wide_select(state, side: Sequence[Pending] = ()) -> tuple[torch.Tensor, list]:
+    """The residual products and the level selection (``wide_rounds`` − 1 rounds); the ``side`` steps
+    share the first of those rounds. Returns (f(v) @2^52, the side steps' results)."""
+    v, levels, outs = state
     pairs, bits = [], []
     for (_, t), ((_, slope, c, bit), _) in zip(levels, outs):
         pairs.append((slope, _local_trunc(v - c, t)))
         bits.append(bit)
     g_max = len(levels) - 1
     extend = g_max >= 2
-    got = mul_many(pairs + ([(bits[0], bits[1])] if extend else []))
+    got, *side_out = together(mul_step(pairs + ([(bits[0], bits[1])] if extend else [])), *side)
     ys = [fc + p for ((fc, *_), _), p in zip(outs, got)]
     prefix = {1: bits[0]} if g_max >= 1 else {}
     if extend:
@@ -223,7 +287,7 @@ def _wide(v: torch.Tensor, kind: str, lo: int, hi: int, in_frac: int = F) -> tor
             applied.add(g)
         if grow:
             prefix[k + 1] = got[-1]
-    return acc
+    return acc, side_out
 
 
 def _local_trunc(share: torch.Tensor, t: int) -> torch.Tensor:
@@ -247,10 +311,33 @@ def _normalise_weighted(x: torch.Tensor, w: torch.Tensor, eps: float, w_secret: 
         xw = x * w
     ms, xw = exact_div_many([(sq.sum(-1, keepdim=True), e), (xw, 1 << F)])  # ms @2^32: tiny rows keep bits
     ms = add_public(ms, round(eps * 2**(2 * F)))
-    y = _wide(ms, "rsqrt", *NORM_RANGE_LOG2, in_frac=2 * F)  # @2^52
-    (y,) = exact_div_many([(y, 1 << 28)])  # @2^24
-    (out,) = mul_many([(xw, y)])  # @2^40
-    (out,) = exact_div_many([(out, 1 << 24)])
+    (state,) = together(_wide_step(ms, "rsqrt", *NORM_RANGE_LOG2, in_frac=2 * F))
+    return _scale_by_levels(state, xw)
+
+
+def _scale_by_levels(state, xw: torch.Tensor) -> torch.Tensor:
+    """xw·y @2^16 from ``_wide_step``'s state (y = f(v), up to 4 levels), with xw folded into the level
+    selection: A: residual products, u0·xw, P2 = u0·u1, u2·xw; B: the levels' y_g truncated to 2^24,
+    P2·xw, P3·xw = P2·(u2·xw); C: xw·y_0 + Σ_g (P_g·xw)·(y_g − y_{g−1}); D: truncation (4 rounds after
+    the look-up, instead of ``_wide_select``'s 3 + y's truncation + the product + its truncation)."""
+    v, levels, outs = state
+    g_max = len(levels) - 1
+    assert g_max <= 3, "norm ranges of up to 4 levels"
+    pairs = [(slope, _local_trunc(v - c, t)) for (_, t), ((_, slope, c, _), _) in zip(levels, outs)]
+    u = [bit for ((_, _, _, bit), _) in outs]
+    extra = ([(u[0], xw)] if g_max >= 1 else []) + ([(u[0], u[1])] if g_max >= 2 else []) + \
+        ([(u[2], xw)] if g_max >= 3 else [])
+    got = mul_many(pairs + extra)
+    ys, extra = [fc + p for ((fc, *_), _), p in zip(outs, got)], got[len(pairs):]
+    p_xw = {1: extra[0]} if g_max >= 1 else {}
+    second = [(extra[1], xw)] if g_max >= 2 else []
+    if g_max >= 3:
+        second.append((extra[1], extra[2]))
+    ys, got = together(trunc_step([(y, 1 << 28) for y in ys]), mul_step(second))  # ys @2^24
+    for g, prod in zip((2, 3), got):
+        p_xw[g] = prod
+    prods = mul_many([(xw, ys[0])] + [(p_xw[g], ys[g] - ys[g - 1]) for g in range(1, g_max + 1)])  # @2^40
+    (out,) = exact_div_many([(sum(prods[1:], prods[0]), 1 << 24)])
     return out
 
 
@@ -262,7 +349,7 @@ def _weight_share(x: Secret, weight: Secret | Public) -> tuple[torch.Tensor, boo
 
 
 def rms_norm(x: Secret, weight: Secret | Public, eps: float) -> Secret:
-    """``[x / √(mean(x²) + eps) · w]`` over the last dim: 6 + ``wide_rounds`` rounds (9)."""
+    """``[x / √(mean(x²) + eps) · w]`` over the last dim: 7 rounds (module docstring)."""
     w, secret = _weight_share(x, weight)
     return to_secret(_normalise_weighted(share_of(x), w, eps, secret))
 

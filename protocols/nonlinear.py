@@ -309,7 +309,7 @@ def rms_norm(x: Secret, weight: Secret | Public, eps: float, *, cfg: ProtocolCon
     w is exact only to its owner's encoding (CrypTen: truncation to 2^−16), so the bound is
     relative to that encoded w. Measured (40 runs, the test's rows): worst 1.3e-3 (tiny), 4.1e-4
     (SmolLM2-like, public or secret w), 1.1e-3 / 4.8e-4 (layer_norm tiny / SmolLM2-like).
-    Config: nonlinear (``"lut"``: ``protocols.lut_nonlinear.rms_norm``, 9 rounds, the same error bound
+    Config: nonlinear (``"lut"``: ``protocols.lut_nonlinear.rms_norm``, 7 rounds, the same error bound
     relative to the encoded w, on mean(x²) ∈ [2^−12, 2^21]; the rest of this docstring is ``"poly"``),
     norm_fine_log2, norm_coarse_log2, norm_switch, norm_ms_gain_log2, norm_fine_octaves,
     norm_coarse_octaves, inv_sqrt_nr_iters, coef_frac_bits.
@@ -325,7 +325,7 @@ def layer_norm(x: Secret, weight: Secret | Public, bias: Secret | Public, eps: f
     """``[(x − μ)/√(var + eps) · w + b]`` over the last dim (E), GPT-2's LayerNorm.
 
     Steps: ``[c] = [x] − mean([x])`` (local), then ``rms_norm``'s normalisation of ``[c]``.
-    Cost, error and config: as ``rms_norm`` with var in place of mean(x²) (``"lut"``: 10 rounds).
+    Cost, error and config: as ``rms_norm`` with var in place of mean(x²) (``"lut"``: 8 rounds).
     """
     cfg = cfg or active_config()
     if cfg.nonlinear == "lut":

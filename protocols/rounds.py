@@ -11,7 +11,8 @@ scales until someone truncates it.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -34,6 +35,24 @@ def open_many(shares: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+@dataclass
+class Pending:
+    """One protocol step waiting for its round: the shares it opens, and what it makes of the sums."""
+
+    opens: list[torch.Tensor]
+    finish: Callable[[list[torch.Tensor]], Any]
+
+
+def together(*steps: Pending) -> list[Any]:
+    """Run independent steps in one round: all their openings in one all-reduce, then each finish."""
+    opened = open_many([t for s in steps for t in s.opens])
+    out, at = [], 0
+    for s in steps:
+        out.append(s.finish(opened[at:at + len(s.opens)]))
+        at += len(s.opens)
+    return out
+
+
 def triples(pairs: Sequence[tuple[Shape, Shape]], device) -> list[tuple[torch.Tensor, ...]]:
     """Beaver triples ``([a], [b], [a·b])`` (element-wise, broadcast) from the parties' provider."""
     provider = crypten.mpc.get_default_provider()
@@ -45,23 +64,28 @@ def triples(pairs: Sequence[tuple[Shape, Shape]], device) -> list[tuple[torch.Te
 
 
 def mul_many(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """Shares of ``x·y`` (ring product, no truncation) for every pair, in one round.
+    """Shares of ``x·y`` (ring product, no truncation) for every pair, in one round (``mul_step``)."""
+    return together(mul_step(pairs))[0]
 
-    Beaver: open ε = x − a and δ = y − b for all pairs at once; ``[xy] = [c] + ε[b] + δ[a] + εδ``
-    (party 0 adds εδ). Cost: 1 round, ``16·(|x| + |y|)`` logged bytes per party and pair.
-    """
+
+def mul_step(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Pending:
+    """Beaver products as a step: open ε = x − a and δ = y − b for all pairs;
+    ``[xy] = [c] + ε[b] + δ[a] + εδ`` (party 0 adds εδ). Cost: 1 round, ``16·(|x| + |y|)`` logged
+    bytes per party and pair."""
     if not pairs:
-        return []
-    device = pairs[0][0].device
-    trip = triples([(tuple(x.shape), tuple(y.shape)) for x, y in pairs], device)
-    opened = open_many([t for (x, y), (a, b, _) in zip(pairs, trip) for t in (x - a, y - b)])
+        return Pending([], lambda _: [])
+    trip = triples([(tuple(x.shape), tuple(y.shape)) for x, y in pairs], pairs[0][0].device)
     rank = comm.get().get_rank()
-    out = []
-    for i, (a, b, c) in enumerate(trip):
-        eps, delta = opened[2 * i], opened[2 * i + 1]
-        z = c + eps * b + a * delta
-        out.append(z + eps * delta if rank == 0 else z)
-    return out
+
+    def finish(opened: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for i, (a, b, c) in enumerate(trip):
+            eps, delta = opened[2 * i], opened[2 * i + 1]
+            z = c + eps * b + a * delta
+            out.append(z + eps * delta if rank == 0 else z)
+        return out
+
+    return Pending([t for (x, y), (a, b, _) in zip(pairs, trip) for t in (x - a, y - b)], finish)
 
 
 def add_public(share: torch.Tensor, value) -> torch.Tensor:

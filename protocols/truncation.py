@@ -112,7 +112,13 @@ def exact_div_(x: ArithmeticSharedTensor, d: int | torch.Tensor) -> ArithmeticSh
 
 def exact_div_many(items: list[tuple[torch.Tensor, int | torch.Tensor]]) -> list[torch.Tensor]:
     """Shares of ``⌊x/d⌋`` for every (plain int64 share, public divisor) pair, all opened in one round."""
-    from protocols.rounds import open_many
+    from protocols.rounds import together
+    return together(trunc_step(items))[0]
+
+
+def trunc_step(items: list[tuple[torch.Tensor, int | torch.Tensor]]):
+    """``exact_div_many`` as a ``protocols.rounds.Pending`` step (to share a round with others)."""
+    from protocols.rounds import Pending
     rank = comm.get().get_rank()
     prepared = []
     for share, d in items:
@@ -121,16 +127,19 @@ def exact_div_many(items: list[tuple[torch.Tensor, int | torch.Tensor]]) -> list
             d = d.to(device=share.device, dtype=torch.long)
         r, q, m = (plain(t) for t in correlation(share.size(), d, device=share.device))
         prepared.append((share + r + (_OFFSET if rank == 0 else 0), d, q, m))
-    opened = open_many([p[0] for p in prepared])
-    out = []
-    for c, (_, d, q, m) in zip(opened, prepared):
-        not_wrapped = (c >= 0).long()  # 1 − msb(c)
-        share = _wrap_constant(d) * not_wrapped * m - q
-        if rank == 0:
-            share = share + udiv(c, d) - torch.div(torch.as_tensor(_OFFSET, device=c.device), d,
-                                                    rounding_mode="floor")
-        out.append(share)
-    return out
+
+    def finish(opened: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for c, (_, d, q, m) in zip(opened, prepared):
+            not_wrapped = (c >= 0).long()  # 1 − msb(c)
+            share = _wrap_constant(d) * not_wrapped * m - q
+            if rank == 0:
+                share = share + udiv(c, d) - torch.div(torch.as_tensor(_OFFSET, device=c.device), d,
+                                                        rounding_mode="floor")
+            out.append(share)
+        return out
+
+    return Pending([p[0] for p in prepared], finish)
 
 
 def local_div_(x: ArithmeticSharedTensor, d: int | torch.Tensor) -> ArithmeticSharedTensor:

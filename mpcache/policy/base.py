@@ -18,6 +18,8 @@ from __future__ import annotations
 from typing import Callable
 
 from mpcache.cache import SecretKVCache
+from protocols import lut_nonlinear
+from protocols.config import active_config
 from protocols.cost import Meter, NullMeter
 from protocols.fixed_mask import FixedMaskOperand, fixed_matmul
 from protocols.nonlinear import softmax
@@ -45,8 +47,8 @@ class MPCPolicy:
                 partner: SecretKVCache | None) -> Secret:
         """Full causal attention over the prompt, then ``after_prefill`` on the window rows of [P]."""
         t0 = cache.length
-        out, probs = full_attention(q, cache, mask, self.meter)
         w = self.window(t0)
+        out, probs = full_attention(q, cache, mask, self.meter, probs=bool(w))
         self.after_prefill(layer, cache, window_probs(probs, t0, w) if w else None, partner)
         return out
 
@@ -124,12 +126,19 @@ class StaticEviction(MPCPolicy):
                 "budget": round(attended / t, 4)}
 
 
-def full_attention(q: Secret, cache: SecretKVCache, mask: Public | None, meter: Meter
-                   ) -> tuple[Secret, Secret]:
-    """softmax([q] [K]ᵀ, mask) [V] -> (out (B, Hkv, G·S, D), [P] (B, Hkv, G·S, T)).
+def full_attention(q: Secret, cache: SecretKVCache, mask: Public | None, meter: Meter, probs: bool = True
+                   ) -> tuple[Secret, Secret | None]:
+    """softmax([q] [K]ᵀ, mask) [V] -> (out (B, Hkv, G·S, D), [P] (B, Hkv, G·S, T), or None unless ``probs``).
 
-    Cost: two fixed-mask matmuls (open |q| + |P| elements) plus one softmax over T.
+    Cost: two fixed-mask matmuls (open |q| + |P| elements) plus one softmax over T; with the look-up
+    non-linears and fixed-mask K, V: ``protocols.lut_nonlinear.attention`` (3 rounds fewer: the
+    normalisation after the value product, q·Kᵀ's truncation beside the max tree's first level),
+    metered as stage "softmax" as a whole.
     """
+    if (active_config().nonlinear == "lut" and isinstance(cache.keys, FixedMaskOperand)
+            and isinstance(cache.values, FixedMaskOperand)):
+        with meter.stage("softmax"):
+            return lut_nonlinear.attention(q, cache.keys, cache.values, mask, probs=probs)
     with meter.stage("attention"):
         scores = fixed_matmul(q, cache.keys, transpose_w=True)  # (B,Hkv,GS,D) x (B,Hkv,D,T) -> (B,Hkv,GS,T)
     with meter.stage("softmax"):

@@ -3,6 +3,8 @@
 The look-up must return, for every element, the table entry at ⌊x/2^s⌋ or ⌊x/2^s⌋ + 1 (exactly, as a
 ring integer), the multiplied entry exactly times w, in one round; its rounding must be unbiased.
 """
+import math
+
 import pytest
 import torch
 
@@ -70,3 +72,37 @@ def test_lookup_exact_entry_unbiased_one_round(provider_name, seed):
         assert r["bytes"] == 16 * 2 * r["n"], r  # 16 logged bytes per opened element (CrypTen: sent + received)
         assert abs(r["bias"]) < 0.03, (seed, r)  # stochastic rounding: E[up] = fractional part
         assert r["prod_rounds"] == 1 and r["prod_err"] < 4 * 2**-16, (seed, r)
+
+
+def _attention_job(seed: int) -> dict:
+    from protocols import lut_nonlinear as ln
+    from protocols.compat import comm, crypten
+    from protocols.fixed_mask import FixedMaskOperand
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for s, t, causal in [(1, 40, False), (5, 5, True), (3, 700, False)]:
+        q = torch.randn(2, 3, s, 16, generator=gen)
+        k = torch.randn(2, 3, t, 16, generator=gen) * 1.5
+        v = torch.randn(2, 3, t, 16, generator=gen)
+        mask = torch.ones(s, t).tril() if causal else None
+        keys = FixedMaskOperand(crypten.cryptensor(k, src=1), grow_dim=2)
+        values = FixedMaskOperand(crypten.cryptensor(v, src=1), grow_dim=2)
+        qs = crypten.cryptensor(q, src=0)
+        crypten.reset_communication_stats()
+        got, probs = ln.attention(qs, keys, values, mask, probs=True)
+        rounds = comm.get().get_communication_stats()["rounds"]
+        logits = q @ k.transpose(-1, -2)
+        if mask is not None:
+            logits = logits.masked_fill(mask == 0, -float("inf"))
+        p = logits.softmax(-1)
+        out[(s, t)] = {"out_err": float((got.get_plain_text() - p @ v).abs().max()),
+                       "p_err": float((probs.get_plain_text() - p).abs().max()), "rounds": rounds,
+                       "want_rounds": math.ceil(math.log2(t)) + 11 + (t > 2**11)}
+    return out
+
+
+def test_fused_attention_matches_torch_in_formula_rounds(seed):
+    for key, r in run_on("TFP", _attention_job, seed)[0].items():
+        assert r["out_err"] < 4e-3 and r["p_err"] < 2e-3, (seed, key, r)
+        assert r["rounds"] == r["want_rounds"], (key, r)
