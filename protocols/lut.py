@@ -87,27 +87,54 @@ def table(fns: Sequence[Callable[[torch.Tensor], torch.Tensor]], shift: int, low
     return Table(shift, low, values, sl)
 
 
+class OneHots:
+    """This party's shares of the one-hot rows o (and o·β) of a look-up, handed out in row chunks.
+
+    Under TFP they are made on demand, chunk by chunk (party 0 keeps r and β in plaintext: NOT secure
+    against it), so a look-up over n inputs never holds more than a chunk of its n·N material; under
+    the dealer they are the tape's (or the online answer's) tensors, sliced.
+    """
+
+    def __init__(self, bits: int, shift: int, mult: bool, device=None, r: torch.Tensor | None = None,
+                 beta: torch.Tensor | None = None, rows: tuple[torch.Tensor, ...] | None = None) -> None:
+        self.n, self.shift, self.mult, self.device = 1 << bits, shift, mult, device
+        self.r, self.beta, self.rows = r, beta, rows
+
+    def chunk(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Shares of o[start:stop] (and o·β[start:stop]) over the flattened inputs, (rows, N) each."""
+        if self.rows is not None:
+            o = self.rows[0].reshape(-1, self.n)[start:stop]
+            return o, (self.rows[1].reshape(-1, self.n)[start:stop] if self.mult else None)
+        if self.r is not None:  # party 0 (TFP)
+            r = self.r.reshape(-1)[start:stop]
+            onehot = torch.nn.functional.one_hot((r & ((self.n << self.shift) - 1)) >> self.shift, self.n).long()
+            parts = [onehot] + ([onehot * self.beta.reshape(-1)[start:stop].unsqueeze(-1)] if self.mult else [])
+        else:
+            zeros = torch.zeros((stop - start, self.n), dtype=torch.long, device=self.device)
+            parts = [zeros] * (2 if self.mult else 1)
+        shares = [plain(ArithmeticSharedTensor(p, precision=0, src=0).share) for p in parts]
+        return shares[0], (shares[1] if self.mult else None)
+
+
 def correlation(size: torch.Size, shift: int, bits: int, mult: bool,
-                device=None) -> tuple[torch.Tensor, ...]:
-    """This party's shares of (r, o) (+ (β, o·β) with a multiplier), plain int64 tensors."""
+                device=None) -> tuple[torch.Tensor, torch.Tensor | None, OneHots]:
+    """This party's shares of r (and β with a multiplier) and its ``OneHots``."""
     provider = fixed_mask_provider()
     if isinstance(provider, TrustedFirstPartyMasks):  # party 0 draws everything: NOT secure against it
-        n = 1 << bits
         if comm.get().get_rank() == 0:
             r = plain(generate_random_ring_element(tuple(size), device=device))
-            pos = (r & ((1 << (shift + bits)) - 1)) >> shift
-            onehot = torch.nn.functional.one_hot(pos, n).long()
-            parts = [r, onehot]
-            if mult:
-                beta = plain(generate_random_ring_element(tuple(size), device=device))
-                parts += [beta, onehot * beta.unsqueeze(-1)]
+            beta = plain(generate_random_ring_element(tuple(size), device=device)) if mult else None
+            parts, onehots = [r] + ([beta] if mult else []), OneHots(bits, shift, mult, device, r, beta)
         else:
-            z, zn = (torch.zeros(tuple(s), dtype=torch.long, device=device) for s in (size, (*size, n)))
-            parts = [z, zn] + ([z, zn] if mult else [])
-        return tuple(plain(ArithmeticSharedTensor(p, precision=0, src=0).share) for p in parts)
+            z = torch.zeros(tuple(size), dtype=torch.long, device=device)
+            parts, onehots = [z] + ([z] if mult else []), OneHots(bits, shift, mult, device)
+        shares = [plain(ArithmeticSharedTensor(p, precision=0, src=0).share) for p in parts]
+        return shares[0], (shares[1] if mult else None), onehots
     from protocols.tape import TapeProvider
     if isinstance(provider, TapeProvider):
-        return provider.lut(size, shift, bits, mult, device)
+        r, o, *rest = provider.lut(size, shift, bits, mult, device)
+        beta, ob = rest if mult else (None, None)
+        return r, beta, OneHots(bits, shift, mult, device, rows=(o, ob))
     raise NotImplementedError(f"no look-up correlation for {type(provider).__name__}")
 
 
@@ -121,17 +148,31 @@ class Request:
 
 
 def _rotated_dot(o: torch.Tensor, c_hi: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """``Σ_j o[..., j]·T[k, (c_hi − j) mod N]`` for every table row k: (K, *c_hi.shape)."""
+    """``Σ_j o[r, j]·T[k, (c_hi[r] − j) mod N]`` for rows r of o (rows, N) and every table row k: (K, rows)."""
     n = o.shape[-1]
-    flat_o, flat_c = o.reshape(-1, n), c_hi.reshape(-1)
-    ar = torch.arange(n, device=o.device)
-    rows = max(1, _CHUNK // (n * max(1, tables.shape[0])))
-    out = []
-    for at in range(0, flat_c.numel(), rows):
-        c = flat_c[at:at + rows]
-        rolled = flat_o[at:at + rows].gather(1, (c.unsqueeze(1) - ar) % n)  # rolled[:, k] = o[(c − k) mod N]
-        out.append((rolled.unsqueeze(0) * tables.unsqueeze(1)).sum(-1))  # (K, rows)
-    return torch.cat(out, dim=1).reshape(tables.shape[0], *c_hi.shape)
+    rolled = o.gather(1, (c_hi.unsqueeze(1) - torch.arange(n, device=o.device)) % n)  # rolled[:, k] = o[(c − k) mod N]
+    return (rolled.unsqueeze(0) * tables.unsqueeze(1)).sum(-1)
+
+
+def _evaluate(onehots: OneHots, c_hi: torch.Tensor, t: Table, eps: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The look-up's value shares (K, *shape) and, with a multiplier, product shares (K2, *shape),
+    one chunk of rows at a time."""
+    flat_c = c_hi.reshape(-1)
+    flat_e = None if eps is None else eps.reshape(-1)
+    k = t.values.shape[0] + (0 if eps is None else t.slopes.shape[0])
+    rows = max(1, _CHUNK // (onehots.n * k))
+    vals, prods = [], []
+    for start in range(0, flat_c.numel(), rows):
+        stop = min(start + rows, flat_c.numel())
+        o, ob = onehots.chunk(start, stop)
+        c = flat_c[start:stop]
+        vals.append(_rotated_dot(o, c, t.values))
+        if eps is not None:
+            prods.append(_rotated_dot(o, c, t.slopes) * flat_e[start:stop] + _rotated_dot(ob, c, t.slopes))
+    shape = tuple(c_hi.shape)
+    values = torch.cat(vals, dim=1).reshape(-1, *shape)
+    return values, (torch.cat(prods, dim=1).reshape(-1, *shape) if eps is not None else None)
 
 
 def lookup_many(requests: Sequence[Request]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -146,22 +187,17 @@ def lookup_step(requests: Sequence[Request]) -> Pending:
         t = req.table.to(req.x.device)
         modulus = 1 << (t.shift + t.bits)
         x = add_public(req.x, -t.low * (1 << t.shift))
-        corr = correlation(x.size(), t.shift, t.bits, req.mult is not None, device=x.device)
-        to_open.append((x + corr[0]) & (modulus - 1))
+        r, beta, onehots = correlation(x.size(), t.shift, t.bits, req.mult is not None, device=x.device)
+        to_open.append((x + r) & (modulus - 1))
         if req.mult is not None:
-            to_open.append(req.mult - corr[2])
-        prepared.append((req, t, modulus, corr))
+            to_open.append(req.mult - beta)
+        prepared.append((req, t, modulus, onehots))
 
     def finish(opened_list: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         opened, out = iter(opened_list), []
-        for req, t, modulus, corr in prepared:
+        for req, t, modulus, onehots in prepared:
             c_hi = (next(opened) & (modulus - 1)) >> t.shift
-            values = _rotated_dot(corr[1], c_hi, t.values)
-            prods = None
-            if req.mult is not None:
-                eps = next(opened)
-                prods = _rotated_dot(corr[1], c_hi, t.slopes) * eps + _rotated_dot(corr[3], c_hi, t.slopes)
-            out.append((values, prods))
+            out.append(_evaluate(onehots, c_hi, t, next(opened) if req.mult is not None else None))
         return out
 
     return Pending(to_open, finish)
