@@ -29,6 +29,7 @@ import torch
 
 from launch.local import run_parties
 from plaintext_ref.mpcache_config import MPCacheConfig
+from protocols.config import ProtocolConfig
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def run(ns) -> dict:
     return {"model": ns.model, "policy": ns.policy, "device": ns.device,
             "gpu": torch.cuda.get_device_name() if ns.device == "cuda" else None,
             "mpcache_config": MPCACHE.__dict__ if ns.policy == "mpcache" else None,
-            "new_tokens": ns.new_tokens, "positions": positions, "agreed": agreed,
+            "nonlinear": ProtocolConfig().nonlinear, "new_tokens": ns.new_tokens, "positions": positions, "agreed": agreed,
             "agreement": agreed / positions, "disagreements_near_tie": near,
             "sequences_matched": sum(r["sequence_match"] for r in rows), "rows": rows}
 
@@ -133,10 +134,12 @@ def markdown(runs: list[dict]) -> str:
              "Position agreement = MPC token equals the plaintext argmax given the same prefix (teacher "
              "forcing on the MPC tokens); reference = HF full cache (`full`) or the plaintext MPCache twin "
              f"(`mpcache`). A disagreement is a near-tie when the plaintext top-2 margin < {NEAR_TIE}.", "",
-             "| policy | device | prompts × tokens | agreement | near-tie misses | sequences = plaintext greedy |",
-             "|---|---|---|---|---|---|"]
+             "Non-linears: `poly` = comparisons and Newton steps (runs before issue 14), `lut` = one-round "
+             "look-ups (`protocols.lut_nonlinear`, the default since).", "",
+             "| policy | non-linears | device | prompts × tokens | agreement | near-tie misses | sequences = plaintext greedy |",
+             "|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['policy']} | {r['device']}{' (' + r['gpu'] + ')' if r['gpu'] else ''} | "
+        lines.append(f"| {r['policy']} | {r.get('nonlinear', 'poly')} | {r['device']}{' (' + r['gpu'] + ')' if r['gpu'] else ''} | "
                      f"{len(r['rows'])} × {r['new_tokens']} | {r['agreed']}/{r['positions']} = "
                      f"{100 * r['agreement']:.1f}% | {r['disagreements_near_tie']} | "
                      f"{r['sequences_matched']}/{len(r['rows'])} |")

@@ -135,7 +135,7 @@ def markdown(data: dict) -> str:
     lines = ["# Secure inference: one private token, fixed masks vs stock CrypTen", ""]
     for dev, m in data["machines"].items():
         lines.append(f"- {dev}: CPU {m['cpu']}" + (f", GPU {m['gpu']}" if m.get("gpu") else "")
-                     + f", torch {m['torch']}")
+                     + f", torch {m['torch']}" + (f" — {m['note']}" if m.get("note") else ""))
     nets = ", ".join(f"{k} {v['bandwidth_bps'] / 1e9:g} Gbps / {v['rtt_s'] * 1e3:g} ms RTT"
                      for k, v in data["networks"].items())
     lines += [f"- 2 parties on one host (gloo over loopback); projection T = compute + 8·bytes/BW + "

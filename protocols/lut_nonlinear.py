@@ -15,11 +15,12 @@ Scales: inputs and outputs at 2^16 (CrypTen's encoding); "@2^k" marks an interme
   |x| < 10; silu ≈ relu beyond, |x|·σ(−|x|) ≤ 4.6e-4). Domain |x| < 62 (beyond, the coarse index wraps).
 * ``softmax``: masked entries take the value of the row's first kept entry (public choice, local),
   so the row max is unchanged; a max tree of m = b + relu(a − b) with relu looked up at step 1/4
-  on [−128, 128) (⌈log2 n⌉ rounds; |m − max| ≤ ⌈log2 n⌉/4); e = exp(x − m) in two look-ups
-  (coarse e^c at integers c ∈ [−240, 16), then e^(x−c) ≈ e^f(1 + (x − c − f)) at step 1/32),
+  on [−256, 256) (⌈log2 n⌉ rounds; |m − max| ≤ ⌈log2 n⌉/4); e = exp(x − m) in two look-ups
+  (coarse e^c at integers c ∈ [−496, 16), then e^(x−c) ≈ e^f(1 + (x − c − f)) at step 1/32),
   one product, one truncation; the reciprocal of s = Σe by ``_wide``; p = e·(1/s), one truncation.
-  Cost ⌈log2 n⌉ + 10 rounds for n ≤ 8192 rows whose kept logits spread ≤ 120 (measured on
-  SmolLM2-135M: ≤ 81). Error ≤ 2e-3 absolute (exp 5e-4 relative, reciprocal ≤ 3e-4 relative).
+  Cost ⌈log2 n⌉ + 10 rounds for n ≤ 8192 rows whose entries spread ≤ 250 (measured on SmolLM2-135M
+  logits: ≤ 81; secret padding slots sit at ``PAD_LOGIT`` = −128). Error ≤ 2e-3 absolute (exp 5e-4
+  relative, reciprocal ≤ 3e-4 relative).
 * ``rms_norm`` / ``layer_norm``: x², x·w in one product round; mean(x²) (kept @2^32, so rows of
   tiny activations keep their precision) divided by E in the same round as x·w's truncation;
   1/√(mean + eps) by ``_wide`` on [2^−12, 2^21] (every SmolLM2 norm, token 0's 1.1e6 included);
@@ -53,7 +54,8 @@ from protocols.types import Public, Secret
 
 F = 16  # fraction bits of CrypTen's encoding (ProtocolConfig.precision_bits must be 16 here)
 _WIDE_FRAC = 52  # scale of _wide's output
-_RELU_LOW, _RELU_BITS = -512, 10  # relu's grid: step 1/4 on [−128, 128)
+_RELU_LOW, _RELU_BITS = -1024, 11  # relu's grid: step 1/4 on [−256, 256)
+PAD_LOGIT = -128.0  # logit of a secret padding slot: exp(−128 − max) is 0, and it stays in the tables' domain
 
 
 def _silu_ref(x: torch.Tensor) -> torch.Tensor:
@@ -89,17 +91,17 @@ def silu(x: Secret) -> Secret:
 
 @functools.lru_cache(maxsize=None)
 def _relu_table(in_frac: int = F) -> Table:
-    """relu at step 1/4 on [−128, 128) of an input @2^in_frac, output @2^16."""
+    """relu at step 1/4 on [−256, 256) of an input @2^in_frac, output @2^16."""
     return table([lambda c: c.clamp(min=0)], shift=in_frac - 2, low=_RELU_LOW, bits=_RELU_BITS,
                  in_frac=in_frac, out_frac=F)
 
 
 @functools.lru_cache(maxsize=None)
 def _exp_tables() -> tuple[Table, Table]:
-    """Coarse: e^c @2^20 and c @2^16 at the integers c ∈ [−240, 16); fine: the tangent of e^f at
+    """Coarse: e^c @2^20 and c @2^16 at the integers c ∈ [−496, 16); fine: the tangent of e^f at
     step 1/32 on [−2, 2): a = e^f(1 − f) @2^32, b = e^f @2^16 (× the residual x − c @2^16)."""
-    c = grid(F, -240, 8, F)
-    coarse = Table(F, -240, torch.stack([encode(torch.exp(c), 20), encode(c, F)]))
+    c = grid(F, -496, 9, F)
+    coarse = Table(F, -496, torch.stack([encode(torch.exp(c), 20), encode(c, F)]))
     fine = table([lambda f: torch.exp(f) * (1 - f)], shift=F - 5, low=-64, bits=7, in_frac=F, out_frac=32,
                  slopes=[torch.exp], slope_frac=16)
     return coarse, fine
@@ -117,7 +119,7 @@ def _tree_max(xs: torch.Tensor) -> torch.Tensor:
 
 
 def _exp(z: torch.Tensor) -> torch.Tensor:
-    """e^z @2^16 for z @2^16 in [−238, 14]: 2 look-up rounds, 1 product, 1 truncation."""
+    """e^z @2^16 for z @2^16 in [−494, 14]: 2 look-up rounds, 1 product, 1 truncation."""
     coarse, fine = _exp_tables()
     ((ec, c), _), = lookup_many([Request(z, coarse)])
     lo = z - c

@@ -47,6 +47,7 @@ import torch
 from mpcache.cache import SecretKVCache
 from mpcache.policy.base import Meter, StaticEviction, full_attention, new_key, register
 from plaintext_ref.mpcache_config import MPCacheConfig, config_for_budget
+from protocols import lut_nonlinear
 from protocols.compat import crypten
 from protocols.fixed_mask import FixedMaskOperand, fixed_matmul
 from protocols.config import active_config
@@ -59,8 +60,10 @@ NOT_CANDIDATE = float(2**20)  # score penalty of a level-l cluster whose parent 
 
 
 def pad_logit() -> float:
-    """Logit of padding slots: −``ProtocolConfig.mask_fill``, where the softmax's exp(·) is 0."""
-    return -active_config().mask_fill
+    """Logit of padding slots, where the softmax's exp(·) is 0: −``ProtocolConfig.mask_fill`` for the
+    polynomial softmax, ``lut_nonlinear.PAD_LOGIT`` (−128, inside its tables' domain) for the look-ups."""
+    cfg = active_config()
+    return lut_nonlinear.PAD_LOGIT if cfg.nonlinear == "lut" else -cfg.mask_fill
 
 
 Summaries = list[tuple[Secret, Secret]]  # per level: ([r_min], [r_max]) (B, Hkv, C_l, D)

@@ -64,6 +64,11 @@ def _errors(seed: int, full: bool, mode: str) -> dict[str, tuple[float, float]]:
     causal = torch.ones(6, 6).tril()
     ref = x.masked_fill(causal == 0, -math.inf).softmax(-1)
     out["softmax_causal"] = (dec(nl.softmax(enc(x), mask=causal)) - ref).abs().max().item(), 2e-3
+    if mode == "lut":  # secret padding slots at PAD_LOGIT beside logits up to +100 (spread 228)
+        from protocols.lut_nonlinear import PAD_LOGIT
+        x = torch.rand(4, 64, generator=gen) * 120 - 20
+        x[:, ::3] = PAD_LOGIT
+        out["softmax_pad"] = (dec(nl.softmax(enc(x))) - x.softmax(-1)).abs().max().item(), 2e-3
     x = torch.randn(4, 10, generator=gen) * 3
     out["softmax_dim0"] = (dec(nl.softmax(enc(x), dim=0)) - x.softmax(0)).abs().max().item(), 2e-3
     if full:  # long rows: near-flat and peaked (CrypTen's reciprocal fails on both)
