@@ -2,7 +2,10 @@
 
 Rank 0 (client) owns the prompt and learns the generated tokens, nothing else; rank 1 (model owner)
 learns only public quantities: prompt length, number of generated tokens (it is told when to stop).
-The argmax one-hot is fed back as the next step's secret input, so tokens are never re-shared.
+With ``nonlinear="lut"`` the argmax is ``protocols.lut_argmax`` (⌈log2 V⌉ + 1 rounds, the id opened
+to the client alone) and the client shares the id's one-hot as the next step's input (no message:
+CrypTen's zero-sharing plus the client's value); with ``"poly"`` the secure argmax one-hot
+(``protocols.selection.argmax_onehot``) is fed back, and only its id is opened to the client.
 """
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ import torch
 
 from mpcache.cache import Sequence
 from mpcache.model import Progress, SecureTransformer
-from protocols import tape
+from protocols import lut_argmax, tape
 from protocols.compat import comm, crypten
+from protocols.config import active_config
 from protocols.cost import CostMeter, Meter
 from protocols.selection import argmax_onehot, reveal_to
 from protocols.types import Secret
@@ -55,21 +59,28 @@ def share_tokens(ids: list[int] | None, n: int, vocab_size: int, src: int = CLIE
 
 def next_token(logits: Secret, eos_ids: frozenset[int], meter: Meter,
                cancel: Callable[[], bool] | None = None) -> tuple[Secret, int | None, bool]:
-    """Secure argmax of [logits] (1, 1, V) -> ([one-hot] (1, 1, V), id on the client, stop flag).
+    """Secure argmax of [logits] (1, 1, V) -> ([one-hot] (1, 1, V) of it, id on the client, stop flag).
 
     Only the id is opened, to the client alone; the client then tells every party whether to stop:
     an end-of-sequence token, or ``cancel()`` (client only) returning True (the number of generated
     tokens is public by design).
     """
+    vocab = logits.shape[-1]
     with meter.stage("argmax"):
-        onehot = argmax_onehot(logits, dim=-1)  # (1, 1, V), exactly one 1
-        ids = torch.arange(logits.shape[-1], device=logits.device)  # public integers: local product
-        token_id = (onehot * ids).sum(dim=-1)  # (1, 1)
-        opened = reveal_to(token_id, dst=CLIENT)
-        token = int(opened.round().item()) if opened is not None else None
+        if active_config().nonlinear == "lut":
+            opened = lut_argmax.argmax_to(logits.reshape(1, vocab), dst=CLIENT)
+            onehot = None
+        else:
+            onehot = argmax_onehot(logits, dim=-1)  # (1, 1, V), exactly one 1
+            ids = torch.arange(vocab, device=logits.device)  # public integers: local product
+            opened = reveal_to((onehot * ids).sum(dim=-1), dst=CLIENT)
+        token = int(opened.reshape(-1)[0].round().item()) if opened is not None else None
         stop = comm.get().broadcast_obj((token in eos_ids or bool(cancel and cancel()))
                                         if token is not None else None, CLIENT)
-    return onehot, token, bool(stop)
+    if onehot is None:
+        with meter.stage("embedding"):
+            onehot = share_tokens([token] if token is not None else None, 1, vocab, device=logits.device)
+    return onehot.reshape(1, 1, vocab), token, bool(stop)
 
 
 @dataclass(frozen=True)

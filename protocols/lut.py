@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from protocols.compat import comm
+from protocols.compat import comm, crypten
 from protocols.dealer import TrustedFirstPartyMasks, fixed_mask_provider
 from protocols.rounds import Pending, add_public, together
 from protocols.truncation import plain
@@ -105,15 +105,17 @@ class OneHots:
         if self.rows is not None:
             o = self.rows[0].reshape(-1, self.n)[start:stop]
             return o, (self.rows[1].reshape(-1, self.n)[start:stop] if self.mult else None)
-        if self.r is not None:  # party 0 (TFP)
-            r = self.r.reshape(-1)[start:stop]
-            onehot = torch.nn.functional.one_hot((r & ((self.n << self.shift) - 1)) >> self.shift, self.n).long()
-            parts = [onehot] + ([onehot * self.beta.reshape(-1)[start:stop].unsqueeze(-1)] if self.mult else [])
-        else:
-            zeros = torch.zeros((stop - start, self.n), dtype=torch.long, device=self.device)
-            parts = [zeros] * (2 if self.mult else 1)
-        shares = [plain(ArithmeticSharedTensor(p, precision=0, src=0).share) for p in parts]
-        return shares[0], (shares[1] if self.mult else None)
+        # TFP: party 1's shares are drawn from the seed it shares with party 0, party 0's are o − that.
+        rank = comm.get().get_rank()
+        gen = crypten.generators["next" if rank == 0 else "prev"][torch.device(self.device or "cpu")]
+        masks = [plain(generate_random_ring_element((stop - start, self.n), generator=gen, device=self.device))
+                 for _ in range(2 if self.mult else 1)]
+        if rank == 1:
+            return masks[0], (masks[1] if self.mult else None)
+        r = self.r.reshape(-1)[start:stop]
+        onehot = torch.nn.functional.one_hot((r & ((self.n << self.shift) - 1)) >> self.shift, self.n).long()
+        o = onehot - masks[0]
+        return o, (onehot * self.beta.reshape(-1)[start:stop].unsqueeze(-1) - masks[1] if self.mult else None)
 
 
 def correlation(size: torch.Size, shift: int, bits: int, mult: bool,
@@ -148,10 +150,35 @@ class Request:
 
 
 def _rotated_dot(o: torch.Tensor, c_hi: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """``Σ_j o[r, j]·T[k, (c_hi[r] − j) mod N]`` for rows r of o (rows, N) and every table row k: (K, rows)."""
+    """``Σ_j o[r, j]·T[k, (c_hi[r] − j) mod N]`` for rows r of o (rows, N) and every table row k: (K, rows).
+
+    A single 0/1 step row T = [k ≥ f] (a comparison) is a cyclic interval sum of o, read off its
+    prefix sums: j ∈ [c + 1, c + 1 + N − f) mod N.
+    """
     n = o.shape[-1]
+    first = _step_start(tables)
+    if first is not None:
+        cum = o.cumsum(1)  # cum[:, m] = Σ_{j ≤ m} o[:, j]; ring arithmetic, wrapping
+
+        def upto(m: torch.Tensor) -> torch.Tensor:  # Σ_{j < m} o[:, j]
+            return cum.gather(1, (m - 1).clamp(min=0).unsqueeze(1)).squeeze(1) * (m > 0)
+
+        a = (c_hi + 1) % n
+        end = a + (n - first)
+        return (upto(end.clamp(max=n)) - upto(a) + upto((end - n).clamp(min=0))).unsqueeze(0)
     rolled = o.gather(1, (c_hi.unsqueeze(1) - torch.arange(n, device=o.device)) % n)  # rolled[:, k] = o[(c − k) mod N]
     return (rolled.unsqueeze(0) * tables.unsqueeze(1)).sum(-1)
+
+
+def _step_start(tables: torch.Tensor) -> int | None:
+    """f if ``tables`` is one row [k ≥ f] (0 < f < N), else None."""
+    if tables.shape[0] != 1:
+        return None
+    row = tables[0]
+    first = int(row.argmax())
+    if first == 0 or not bool((row[first:] == 1).all()) or bool(row[:first].any()):
+        return None
+    return first
 
 
 def _evaluate(onehots: OneHots, c_hi: torch.Tensor, t: Table, eps: torch.Tensor | None
@@ -167,11 +194,13 @@ def _evaluate(onehots: OneHots, c_hi: torch.Tensor, t: Table, eps: torch.Tensor 
         stop = min(start + rows, flat_c.numel())
         o, ob = onehots.chunk(start, stop)
         c = flat_c[start:stop]
-        vals.append(_rotated_dot(o, c, t.values))
+        if t.values.shape[0]:
+            vals.append(_rotated_dot(o, c, t.values))
         if eps is not None:
             prods.append(_rotated_dot(o, c, t.slopes) * flat_e[start:stop] + _rotated_dot(ob, c, t.slopes))
     shape = tuple(c_hi.shape)
-    values = torch.cat(vals, dim=1).reshape(-1, *shape)
+    values = torch.cat(vals, dim=1).reshape(-1, *shape) if vals else torch.zeros((0, *shape), dtype=torch.long,
+                                                                                 device=c_hi.device)
     return values, (torch.cat(prods, dim=1).reshape(-1, *shape) if eps is not None else None)
 
 
