@@ -68,7 +68,7 @@ def next_token(logits: Secret, eos_ids: frozenset[int], meter: Meter,
     vocab = logits.shape[-1]
     with meter.stage("argmax"):
         if active_config().nonlinear == "lut":
-            opened = lut_argmax.argmax_to(logits.reshape(1, vocab), dst=CLIENT)
+            opened = lut_argmax.argmax_to(logits, dst=CLIENT)  # (1, 1) on the client
             onehot = None
         else:
             onehot = argmax_onehot(logits, dim=-1)  # (1, 1, V), exactly one 1

@@ -105,7 +105,9 @@ Rope = tuple[torch.Tensor, torch.Tensor] | None  # public cos, sin (S, D); None 
 
 
 class SecureRMSNorm:
-    def __init__(self, weight: Secret, eps: float) -> None:
+    """RMSNorm; ``weight`` None when it is folded into the next matrix (``_norm_folds``)."""
+
+    def __init__(self, weight: Secret | None, eps: float) -> None:
         self.weight, self.eps = weight, eps
 
     def __call__(self, x: Secret) -> Secret:  # (B, S, E) -> (B, S, E)
@@ -113,7 +115,9 @@ class SecureRMSNorm:
 
 
 class SecureLayerNorm:
-    def __init__(self, weight: Secret, bias: Secret, eps: float) -> None:
+    """LayerNorm; ``weight``, ``bias`` None when they are folded into the next matrix."""
+
+    def __init__(self, weight: Secret | None, bias: Secret | None, eps: float) -> None:
         self.weight, self.bias, self.eps = weight, bias, eps
 
     def __call__(self, x: Secret) -> Secret:  # (B, S, E) -> (B, S, E)
@@ -381,6 +385,20 @@ def _layout(args: ModelArgs) -> dict[str, Source]:
     return _gpt2_layout(args) if args.family == "gpt2" else _llama_layout(args)
 
 
+def _norm_folds(args: ModelArgs) -> dict[str, tuple[str, str]]:
+    """Per-layer norm prefix -> (the matrix it feeds, that matrix's bias): the norm's weight w (and
+    LayerNorm's bias β) fold into it, W·(x̂·w + β) = (W·diag(w))·x̂ + W·β, so the secure norm only
+    normalises (no x·w product, no truncation: ``protocols.lut_nonlinear``). The final norm feeds
+    the (tied) LM head and keeps its weight."""
+    return {f"{i}.{n}": (f"{i}.{m}", f"{i}.{b}") for i in range(args.n_layers)
+            for n, m, b in (("n1", "wqkv", "bqkv"), ("n2", "w_in", "b_in"))}
+
+
+def _folded(args: ModelArgs) -> set[str]:
+    """Layout keys that are folded into a matrix and not shared themselves."""
+    return {f"{n}.{k}" for n in _norm_folds(args) for k in ("w", "b")}
+
+
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """HF state-dict key -> shape that ``share_model`` requires (a tied LM head is not listed)."""
     return {k: s for src in _layout(args).values() for k, s in src.hf.items()}
@@ -388,12 +406,21 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 def shared_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Our key -> public shape, in sharing order (what the parties without the model allocate)."""
-    return {name: src.shape for name, src in _layout(args).items()}
+    folded = _folded(args)
+    return {name: src.shape for name, src in _layout(args).items() if name not in folded}
 
 
 def _fused(args: ModelArgs, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Model owner only: HF tensors -> our layout, keyed and ordered as ``shared_shapes``."""
-    return {name: src.build(sd) for name, src in _layout(args).items()}
+    """Model owner only: HF tensors -> our layout, keyed and ordered as ``shared_shapes``, with the
+    per-layer norms folded into the matrices they feed (``_norm_folds``; in float64, then float32)."""
+    built = {name: src.build(sd) for name, src in _layout(args).items()}
+    for norm, (mat, bias) in _norm_folds(args).items():
+        w = built[mat].double()
+        if norm + ".b" in built:
+            built[bias] = (built[bias].double() + w @ built[norm + ".b"].double()).float()
+        built[mat] = (w * built[norm + ".w"].double()).float()
+    folded = _folded(args)
+    return {name: t for name, t in built.items() if name not in folded}
 
 
 def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> None:
@@ -441,10 +468,10 @@ def share_model(state_dict: dict[str, torch.Tensor] | None, args: ModelArgs, met
 
 
 def _assemble(args: ModelArgs, s: dict, meter: Meter) -> SecureTransformer:
-    def norm(prefix: str) -> Norm:
+    def norm(prefix: str) -> Norm:  # a folded norm (``_norm_folds``) has no weight or bias here
         if args.family == "gpt2":
-            return SecureLayerNorm(s[prefix + ".w"], s[prefix + ".b"], args.norm_eps)
-        return SecureRMSNorm(s[prefix + ".w"], args.norm_eps)
+            return SecureLayerNorm(s.get(prefix + ".w"), s.get(prefix + ".b"), args.norm_eps)
+        return SecureRMSNorm(s.get(prefix + ".w"), args.norm_eps)
 
     layers = []
     for i in range(args.n_layers):

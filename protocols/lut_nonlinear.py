@@ -25,7 +25,9 @@ Scales: inputs and outputs at 2^16 (CrypTen's encoding); "@2^k" marks an interme
   tiny activations keep their precision) divided by E in the same round as x·w's truncation;
   1/√(mean + eps) by ``_wide`` on [2^−12, 2^21] (every SmolLM2 norm, token 0's 1.1e6 included);
   x·w folded into the level selection (``_scale_by_levels``) and one truncation. Cost 7 rounds
-  (layer_norm + 1 for the mean). Error ≤ 2e-3 of the row's max |output|.
+  (layer_norm + 1 for the mean). Error ≤ 2e-3 of the row's max |output|. Without w (the model folds
+  a norm's w, β into the matrix it feeds): √E/√(Σx² + E·eps) looked up on the sum @2^32 straight
+  from the squares' round (range ``sum_range``), 6 rounds.
 
 ``_wide``: f on [2^lo, 2^hi] for f = 1/v or 1/√v, from G look-ups of the same v at grids of step
 h_g = 2^(hi+1−g·a)/N (level g covers [0, 2^(hi+1−g·a))): level g gives f(c), f'(c) and
@@ -211,10 +213,10 @@ def recip_range(n: int) -> tuple[int, int]:
 _WIDE = {"recip": (7, 14), "rsqrt": (9, 16)}  # (a: octaves per level, bits: log2 N)
 
 
-def _fn(kind: str):
+def _fn(kind: str, gain: float = 1.0):
     if kind == "recip":
-        return (lambda v: 1 / v), (lambda v: -1 / v**2)
-    return (lambda v: v.rsqrt()), (lambda v: -0.5 * v.rsqrt() / v)
+        return (lambda v: gain / v), (lambda v: -gain / v**2)
+    return (lambda v: gain * v.rsqrt()), (lambda v: -0.5 * gain * v.rsqrt() / v)
 
 
 def wide_levels(lo: int, hi: int, kind: str) -> int:
@@ -229,11 +231,13 @@ def wide_rounds(lo: int, hi: int, kind: str) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _wide_levels(kind: str, lo: int, hi: int, in_frac: int) -> tuple[tuple[Table, int], ...]:
-    """Per level: its table (f(c) @2^52, f'(c) at the scale that puts the product with the truncated
-    residual at 2^52, c @2^16, the switch bit [c < next level's top / 2]) and that truncation t."""
+def _wide_levels(kind: str, lo: int, hi: int, in_frac: int, gain: float = 1.0) -> tuple[tuple[Table, int], ...]:
+    """Per level: its table (gain·f(c) @2^52, its slope at the scale that puts the product with the
+    truncated residual at 2^52, c @2^16, the switch bit [c < next level's top / 2]) and that truncation t.
+    Needs hi + in_frac ≤ 62 (the top grid inside the positive ring)."""
+    assert hi + in_frac <= 62, f"wide range 2^{hi} at 2^{in_frac} leaves the positive ring"
     a, bits = _WIDE[kind]
-    f, df = _fn(kind)
+    f, df = _fn(kind, gain)
     n_levels = wide_levels(lo, hi, kind)
     levels = []
     for g in range(n_levels):
@@ -256,9 +260,9 @@ def _wide(v: torch.Tensor, kind: str, lo: int, hi: int, in_frac: int = F) -> tor
     return _wide_select(state)[0]
 
 
-def _wide_step(v: torch.Tensor, kind: str, lo: int, hi: int, in_frac: int = F) -> Pending:
-    """``_wide``'s look-up round; its finish gives the state ``_wide_select`` continues from."""
-    levels = _wide_levels(kind, lo, hi, in_frac)
+def _wide_step(v: torch.Tensor, kind: str, lo: int, hi: int, in_frac: int = F, gain: float = 1.0) -> Pending:
+    """``_wide``'s look-up round (of gain·f); its finish gives the state ``_wide_select`` continues from."""
+    levels = _wide_levels(kind, lo, hi, in_frac, gain)
     step = lookup_step([Request(v, t) for t, _ in levels])
     return Pending(step.opens, lambda opened: (v, levels, step.finish(opened)))
 
@@ -303,9 +307,23 @@ def _local_trunc(share: torch.Tensor, t: int) -> torch.Tensor:
 NORM_RANGE_LOG2 = (-12, 21)  # mean squares of SmolLM2-135M (token 0's 1.1e6 included) and the tiny models
 
 
-def _normalise_weighted(x: torch.Tensor, w: torch.Tensor, eps: float, w_secret: bool) -> torch.Tensor:
-    """(x·w)/√(mean(x²) + eps) @2^16 for x @2^16 (rows over the last dim) and w @2^16."""
+def sum_range(e: int) -> tuple[int, int]:
+    """log2 range of Σx² + E·eps over a row of E for mean squares in ``NORM_RANGE_LOG2`` (the top capped
+    at 2^30 so that the sum @2^32 stays in the positive ring: mean(x²) < 2^31/E)."""
+    lo, hi = NORM_RANGE_LOG2
+    return math.floor(lo + math.log2(e)), min(30, math.ceil(hi + math.log2(e)))
+
+
+def _normalise_weighted(x: torch.Tensor, w: torch.Tensor | None, eps: float, w_secret: bool) -> torch.Tensor:
+    """(x·w)/√(mean(x²) + eps) @2^16 for x @2^16 (rows over the last dim) and w @2^16; w None (a norm
+    folded into the next matrix): x/√(mean(x²) + eps) = √E·x/√(Σx² + E·eps), the sum read by the
+    look-up at 2^32 as it comes out of the squares (no truncation round)."""
     e = x.shape[-1]
+    if w is None:
+        (sq,) = mul_many([(x, x)])  # @2^32
+        v = add_public(sq.sum(-1, keepdim=True), round(e * eps * 2**(2 * F)))
+        (state,) = together(_wide_step(v, "rsqrt", *sum_range(e), in_frac=2 * F, gain=math.sqrt(e)))
+        return _scale_by_levels(state, x)
     if w_secret:
         sq, xw = mul_many([(x, x), (x, w)])
     else:
@@ -343,23 +361,26 @@ def _scale_by_levels(state, xw: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _weight_share(x: Secret, weight: Secret | Public) -> tuple[torch.Tensor, bool]:
+def _weight_share(x: Secret, weight: Secret | Public | None) -> tuple[torch.Tensor | None, bool]:
+    if weight is None:
+        return None, False
     if isinstance(weight, MPCTensor):
         return share_of(weight), True
     w = torch.as_tensor(weight, dtype=torch.float64, device=share_of(x).device)
     return encode(w, F), False
 
 
-def rms_norm(x: Secret, weight: Secret | Public, eps: float) -> Secret:
-    """``[x / √(mean(x²) + eps) · w]`` over the last dim: 7 rounds (module docstring)."""
+def rms_norm(x: Secret, weight: Secret | Public | None, eps: float) -> Secret:
+    """``[x / √(mean(x²) + eps) · w]`` over the last dim: 7 rounds, 6 without w (module docstring)."""
     w, secret = _weight_share(x, weight)
     return to_secret(_normalise_weighted(share_of(x), w, eps, secret))
 
 
-def layer_norm(x: Secret, weight: Secret | Public, bias: Secret | Public, eps: float) -> Secret:
-    """``[(x − μ)/√(var + eps) · w + b]``: the mean (1 truncation round), then ``rms_norm``'s steps."""
+def layer_norm(x: Secret, weight: Secret | Public | None, bias: Secret | Public | None, eps: float) -> Secret:
+    """``[(x − μ)/√(var + eps) · w + b]``: the mean (1 truncation round), then ``rms_norm``'s steps
+    (w, b None: folded into the next matrix)."""
     xs = share_of(x)
     (mean,) = exact_div_many([(xs.sum(-1, keepdim=True), xs.shape[-1])])
     w, secret = _weight_share(x, weight)
     out = to_secret(_normalise_weighted(xs - mean, w, eps, secret))
-    return out + bias
+    return out if bias is None else out + bias

@@ -297,8 +297,8 @@ def _normalise(x: Secret, eps: float, cfg: ProtocolConfig) -> Secret:
     return mul_public_int(u, 2**g) * _inv_sqrt_nr(ms, y0, cfg.inv_sqrt_nr_iters)
 
 
-def rms_norm(x: Secret, weight: Secret | Public, eps: float, *, cfg: ProtocolConfig | None = None) -> Secret:
-    """``[x / √(mean(x²) + eps) · w]`` over the last dim (E), Llama's RMSNorm.
+def rms_norm(x: Secret, weight: Secret | Public | None, eps: float, *, cfg: ProtocolConfig | None = None) -> Secret:
+    """``[x / √(mean(x²) + eps) · w]`` over the last dim (E), Llama's RMSNorm (w None: no weight).
 
     Public: shapes, eps (and w when public). Cost: 36 rounds (37 for a secret w; local: 1 (squares)
     + 8 (cmp) + 1 (select) + 9 (NR) + 1 (+1) = 20–21); per row ≈ 4E mul + 40 cmp (E + 2 more mul for a secret w).
@@ -309,7 +309,7 @@ def rms_norm(x: Secret, weight: Secret | Public, eps: float, *, cfg: ProtocolCon
     w is exact only to its owner's encoding (CrypTen: truncation to 2^−16), so the bound is
     relative to that encoded w. Measured (40 runs, the test's rows): worst 1.3e-3 (tiny), 4.1e-4
     (SmolLM2-like, public or secret w), 1.1e-3 / 4.8e-4 (layer_norm tiny / SmolLM2-like).
-    Config: nonlinear (``"lut"``: ``protocols.lut_nonlinear.rms_norm``, 7 rounds, the same error bound
+    Config: nonlinear (``"lut"``: ``protocols.lut_nonlinear.rms_norm``, 7 rounds (6 without w), the same error bound
     relative to the encoded w, on mean(x²) ∈ [2^−12, 2^21]; the rest of this docstring is ``"poly"``),
     norm_fine_log2, norm_coarse_log2, norm_switch, norm_ms_gain_log2, norm_fine_octaves,
     norm_coarse_octaves, inv_sqrt_nr_iters, coef_frac_bits.
@@ -320,7 +320,7 @@ def rms_norm(x: Secret, weight: Secret | Public, eps: float, *, cfg: ProtocolCon
     return _weight(_normalise(x, eps, cfg), weight, cfg.coef_frac_bits)
 
 
-def layer_norm(x: Secret, weight: Secret | Public, bias: Secret | Public, eps: float, *,
+def layer_norm(x: Secret, weight: Secret | Public | None, bias: Secret | Public | None, eps: float, *,
                cfg: ProtocolConfig | None = None) -> Secret:
     """``[(x − μ)/√(var + eps) · w + b]`` over the last dim (E), GPT-2's LayerNorm.
 
@@ -331,9 +331,13 @@ def layer_norm(x: Secret, weight: Secret | Public, bias: Secret | Public, eps: f
     if cfg.nonlinear == "lut":
         return lut_nonlinear.layer_norm(x, weight, bias, eps)
     centred = x - x.mean(-1, keepdim=True)
-    return _weight(_normalise(centred, eps, cfg), weight, cfg.coef_frac_bits) + bias
+    out = _weight(_normalise(centred, eps, cfg), weight, cfg.coef_frac_bits)
+    return out if bias is None else out + bias
 
 
-def _weight(x: Secret, weight: Secret | Public, frac_bits: int) -> Secret:
-    """``[x]·w``: a public w rounded to 2^−frac_bits (``_mul_public``), a secret one by a Beaver product."""
+def _weight(x: Secret, weight: Secret | Public | None, frac_bits: int) -> Secret:
+    """``[x]·w``: a public w rounded to 2^−frac_bits (``_mul_public``), a secret one by a Beaver product;
+    None (a norm folded into the next matrix): x."""
+    if weight is None:
+        return x
     return x * weight if isinstance(weight, MPCTensor) else _mul_public(x, weight, frac_bits)

@@ -98,6 +98,13 @@ def _errors(seed: int, full: bool, mode: str) -> dict[str, tuple[float, float]]:
         ref = F.layer_norm(x, (e,), w, b, 1e-5)
         got = dec(nl.layer_norm(enc(x), w, b, 1e-5))
         out[f"layer_norm_{name}"] = ((got - ref).abs().amax(-1) / ref.abs().amax(-1)).max().item(), 2e-3
+        # no weight (the model folds it into the next matrix): the normalisation alone
+        ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+        got = dec(nl.rms_norm(enc(x), None, 1e-5))
+        out[f"rms_norm_{name}_no_w"] = ((got - ref).abs().amax(-1) / ref.abs().amax(-1)).max().item(), 2e-3
+        ref = F.layer_norm(x, (e,), None, None, 1e-5)
+        got = dec(nl.layer_norm(enc(x), None, None, 1e-5))
+        out[f"layer_norm_{name}_no_w"] = ((got - ref).abs().amax(-1) / ref.abs().amax(-1)).max().item(), 2e-3
     return out
 
 
@@ -120,6 +127,7 @@ def _cost_job() -> dict[str, int | str]:
         with protocol_context(ProtocolConfig(nonlinear=mode)):
             out[f"softmax_{mode}"] = rounds(lambda: nl.softmax(x))
             out[f"rms_norm_{mode}"] = rounds(lambda: nl.rms_norm(h, w, 1e-5))
+            out[f"rms_norm_no_w_{mode}"] = rounds(lambda: nl.rms_norm(h, None, 1e-5))
             out[f"silu_{mode}"] = rounds(lambda: nl.silu(h))
             try:
                 nl.softmax(x, mask=torch.zeros(256))
@@ -149,5 +157,6 @@ def test_cost_formulas_and_mask_check():
     assert out["softmax_poly"] == 11 * (log_n // 2) + 9 * (log_n % 2) + 58, out  # softmax's Cost: line
     assert out["softmax_lut"] == log_n + 10, out  # protocols.lut_nonlinear: tree + exp 4 + 1/s 3 + 3
     assert out["rms_norm_poly"] == 37 and out["rms_norm_lut"] == 7, out  # a secret weight
+    assert out["rms_norm_no_w_poly"] == 35 and out["rms_norm_no_w_lut"] == 6, out  # lut: squares, look-up, 4 selection
     assert out["silu_poly"] == 39 and out["silu_lut"] == 3, out
     assert "no kept entry" in out["refused_lut"] and "no kept entry" in out["refused_poly"], out
