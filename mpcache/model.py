@@ -21,7 +21,7 @@ from protocols.compat import comm, crypten
 from protocols.cost import Meter
 from protocols.config import active_config
 from protocols.fixed_mask import FixedMaskOperand, StockOperand, fixed_matmul, fixed_matmul_raw
-from protocols.nonlinear import gelu_tanh, layer_norm, rms_norm, silu
+from protocols.nonlinear import gelu_tanh, layer_norm, rms_norm, silu_mul
 from protocols.rounds import share_of, to_secret
 from protocols.truncation import exact_div_many
 from protocols.types import Public, Secret
@@ -226,7 +226,7 @@ class SecureMLP:
         F = self.args.hidden_dim
         with self.meter.stage("mlp"):
             h = _linear(x, self.w_in, self.b_in)  # (B, S, E) -> (B, S, 2F) llama | (B, S, F) gpt2
-            h = silu(h[..., :F]) * h[..., F:] if self.args.family == "llama" else gelu_tanh(h)
+            h = silu_mul(h[..., :F], h[..., F:]) if self.args.family == "llama" else gelu_tanh(h)
             return _linear(h, self.w_out, self.b_out)  # (B, S, F) -> (B, S, E)
 
 

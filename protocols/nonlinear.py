@@ -216,6 +216,15 @@ def silu(x: Secret, *, cfg: ProtocolConfig | None = None) -> Secret:
     return x * sigmoid(x, cfg=cfg)
 
 
+def silu_mul(x: Secret, u: Secret, *, cfg: ProtocolConfig | None = None) -> Secret:
+    """``[silu(x)·u]`` (Llama's gated MLP). ``nonlinear="lut"``: ``protocols.lut_nonlinear.silu_mul``
+    (4 rounds, error ≤ 5e-4·|u|); ``"poly"``: ``silu`` then a product."""
+    cfg = cfg or active_config()
+    if cfg.nonlinear == "lut":
+        return lut_nonlinear.silu_mul(x, u)
+    return silu(x, cfg=cfg) * u
+
+
 def gelu_tanh(x: Secret, *, cfg: ProtocolConfig | None = None) -> Secret:
     """GPT-2's gelu_new, exactly ``x·σ(2√(2/π)(x + 0.044715x³))`` (= ½x(1 + tanh(…))).
 

@@ -45,6 +45,11 @@ def _errors(seed: int, full: bool, mode: str) -> dict[str, tuple[float, float]]:
     if mode == "lut":  # the look-up's bound is absolute on |x| < 62
         x[:8] = torch.tensor([-61.9, 61.9, -12.0, 12.0, -10.0, 10.0, 0.0, 1e-3])
         out["silu"] = (dec(nl.silu(enc(x))) - F.silu(x)).abs().max().item(), 5e-4
+        u = torch.randn(2000, generator=gen) * 8  # the gated MLP's silu(g)·u, |x·u| < 2^15
+        got = dec(nl.silu_mul(enc(x), crypten.cryptensor(u, src=1)))
+        held = lambda t: (t * 2**16).long() / 2**16  # noqa: E731  (CrypTen's encoding truncates toward zero)
+        ref = F.silu(held(x)) * held(u)
+        out["silu_mul"] = ((got - ref).abs() / (5e-4 * u.abs() + 2.0**-15)).max().item(), 1.0
     else:
         out["silu"] = ((dec(nl.silu(enc(x))) - F.silu(x)).abs() / (1 + x.abs())).max().item(), 2e-4
     x = torch.rand(2000, generator=gen) * 20 - 10
@@ -129,6 +134,7 @@ def _cost_job() -> dict[str, int | str]:
             out[f"rms_norm_{mode}"] = rounds(lambda: nl.rms_norm(h, w, 1e-5))
             out[f"rms_norm_no_w_{mode}"] = rounds(lambda: nl.rms_norm(h, None, 1e-5))
             out[f"silu_{mode}"] = rounds(lambda: nl.silu(h))
+            out[f"silu_mul_{mode}"] = rounds(lambda: nl.silu_mul(h, h))
             try:
                 nl.softmax(x, mask=torch.zeros(256))
                 out[f"refused_{mode}"] = ""
@@ -159,4 +165,5 @@ def test_cost_formulas_and_mask_check():
     assert out["rms_norm_poly"] == 37 and out["rms_norm_lut"] == 7, out  # a secret weight
     assert out["rms_norm_no_w_poly"] == 35 and out["rms_norm_no_w_lut"] == 6, out  # lut: squares, look-up, 4 selection
     assert out["silu_poly"] == 39 and out["silu_lut"] == 3, out
+    assert out["silu_mul_poly"] == 41 and out["silu_mul_lut"] == 4, out  # poly: silu, then a product + truncation
     assert "no kept entry" in out["refused_lut"] and "no kept entry" in out["refused_poly"], out
