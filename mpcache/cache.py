@@ -37,7 +37,7 @@ class SecretKVCache:
         if self.k is None:
             self.k, self.v = self.operand(k, grow_dim=2), self.operand(v, grow_dim=2)
         elif isinstance(self.k, FixedMaskOperand):
-            append_all([(self.k, k), (self.v, v)])  # both openings in one round
+            append_all([(self.k, k), (self.v, v)])  # both openings in one round: the next q·Kᵀ's
         else:
             self.k.append(k)
             self.v.append(v)

@@ -49,17 +49,20 @@ def encode_prompt(tokenizer, prompt: str, raw: bool) -> list[int]:
 
 def share_tokens(ids: list[int] | None, n: int, vocab_size: int, src: int = CLIENT,
                  device: str | torch.device = "cpu") -> Secret:
-    """The client's token ids as a secret one-hot (1, S, V); other parties pass ``None``."""
+    """The client's token ids as a secret one-hot (1, S, V) of exact 0/1 ring integers (scale 1, so
+    the embedding product needs no truncation); other parties pass ``None``. No message (CrypTen's
+    zero-sharing plus the client's value)."""
     onehot = torch.zeros(1, n, vocab_size, device=device)
     if comm.get().get_rank() == src:
         assert ids is not None and len(ids) == n, f"client must pass {n} token ids"
         onehot[0, torch.arange(n), torch.tensor(ids)] = 1.0
-    return crypten.cryptensor(onehot, src=src, device=device)
+    return crypten.cryptensor(onehot, src=src, device=device, precision=0)
 
 
 def next_token(logits: Secret, eos_ids: frozenset[int], meter: Meter,
-               cancel: Callable[[], bool] | None = None) -> tuple[Secret, int | None, bool]:
-    """Secure argmax of [logits] (1, 1, V) -> ([one-hot] (1, 1, V) of it, id on the client, stop flag).
+               cancel: Callable[[], bool] | None = None, logit_shift: int = 0) -> tuple[Secret, int | None, bool]:
+    """Secure argmax of [logits] (1, 1, V) -> ([one-hot] (1, 1, V) of it, id on the client, stop flag);
+    ``logit_shift``: the model's public argmax scale (``SecureTransformer.logit_shift``).
 
     Only the id is opened, to the client alone; the client then tells every party whether to stop:
     an end-of-sequence token, or ``cancel()`` (client only) returning True (the number of generated
@@ -68,7 +71,7 @@ def next_token(logits: Secret, eos_ids: frozenset[int], meter: Meter,
     vocab = logits.shape[-1]
     with meter.stage("argmax"):
         if active_config().nonlinear == "lut":
-            opened = lut_argmax.argmax_to(logits, dst=CLIENT)  # (1, 1) on the client
+            opened = lut_argmax.argmax_to(logits, dst=CLIENT, shift=logit_shift)  # (1, 1) on the client
             onehot = None
         else:
             onehot = argmax_onehot(logits, dim=-1)  # (1, 1, V), exactly one 1
@@ -112,7 +115,7 @@ def steps(model: SecureTransformer, seq: Sequence, prompt_ids: list[int] | None,
         with meter.stage("embedding"):
             onehot = share_tokens(prompt_ids, n_prompt, model.args.vocab_size, device=model.device)
         logits = model.forward(onehot, torch.arange(n_prompt), seq, progress=on_prefill)
-        onehot, token, stop = next_token(logits, eos_ids, meter, cancel)
+        onehot, token, stop = next_token(logits, eos_ids, meter, cancel, model.logit_shift)
     yield Step(0, token, time.perf_counter() - t0)
     for index in range(1, max_new_tokens):
         if stop:
@@ -120,7 +123,7 @@ def steps(model: SecureTransformer, seq: Sequence, prompt_ids: list[int] | None,
         t0 = time.perf_counter()
         with meter.phase("decode", tokens=1), tape.step("decode", meter):
             logits = model.forward(onehot, torch.tensor([n_prompt + index - 1]), seq)
-            onehot, token, stop = next_token(logits, eos_ids, meter, cancel)
+            onehot, token, stop = next_token(logits, eos_ids, meter, cancel, model.logit_shift)
         yield Step(index, token, time.perf_counter() - t0)
 
 

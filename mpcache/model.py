@@ -19,6 +19,7 @@ from mpcache.cache import Sequence
 from plaintext_ref.models import max_context, model_family
 from protocols.compat import comm, crypten
 from protocols.cost import Meter
+from protocols import lut_argmax
 from protocols.config import active_config
 from protocols.fixed_mask import FixedMaskOperand, StockOperand, fixed_matmul, fixed_matmul_raw
 from protocols.nonlinear import gelu_tanh, layer_norm, rms_norm, silu_mul
@@ -253,9 +254,11 @@ class SecureTransformer:
     of a ``Sequence``, which holds all per-generation state."""
 
     def __init__(self, args: ModelArgs, tok_embeddings: FixedMaskOperand, pos_embeddings: Secret | None,
-                 layers: list[SecureBlock], norm: Norm, output: FixedMaskOperand, meter: Meter) -> None:
+                 layers: list[SecureBlock], norm: Norm, output: FixedMaskOperand, meter: Meter,
+                 logit_shift: int = 0) -> None:
         self.args, self.tok_embeddings, self.pos_embeddings = args, tok_embeddings, pos_embeddings
         self.layers, self.norm, self.output, self.meter = layers, norm, output, meter
+        self.logit_shift = logit_shift  # public: the look-up argmax's scale (``logit_shift``)
 
     @property
     def device(self) -> torch.device:
@@ -456,6 +459,7 @@ def share_model(state_dict: dict[str, torch.Tensor] | None, args: ModelArgs, met
         assert state_dict is not None, f"party {src} owns the model and must pass its state dict"
         check_state_dict(state_dict, args)
         owned = {k: v.detach().float() for k, v in _fused(args, state_dict).items()}
+    shift = comm.get().broadcast_obj(logit_shift(owned) if rank == src else None, src)
     shares: dict[str, object] = {}
     layout = shared_shapes(args)
     for i, (name, shape) in enumerate(layout.items()):
@@ -464,10 +468,10 @@ def share_model(state_dict: dict[str, torch.Tensor] | None, args: ModelArgs, met
         shares[name] = operand(secret) if len(shape) == 2 and name != "pos" else secret
         if progress:
             progress(i + 1, len(layout))
-    return _assemble(args, shares, meter)
+    return _assemble(args, shares, meter, shift)
 
 
-def _assemble(args: ModelArgs, s: dict, meter: Meter) -> SecureTransformer:
+def _assemble(args: ModelArgs, s: dict, meter: Meter, logit_shift: int) -> SecureTransformer:
     def norm(prefix: str) -> Norm:  # a folded norm (``_norm_folds``) has no weight or bias here
         if args.family == "gpt2":
             return SecureLayerNorm(s.get(prefix + ".w"), s.get(prefix + ".b"), args.norm_eps)
@@ -479,4 +483,20 @@ def _assemble(args: ModelArgs, s: dict, meter: Meter) -> SecureTransformer:
         attn = SecureAttention(args, i, s[q + "wqkv"], s.get(q + "bqkv"), s[q + "wo"], s.get(q + "bo"), meter)
         mlp = SecureMLP(args, s[q + "w_in"], s.get(q + "b_in"), s[q + "w_out"], s.get(q + "b_out"), meter)
         layers.append(SecureBlock(norm(q + "n1"), attn, norm(q + "n2"), mlp, meter))
-    return SecureTransformer(args, s["tok"], s.get("pos"), layers, norm("norm"), s.get("output", s["tok"]), meter)
+    return SecureTransformer(args, s["tok"], s.get("pos"), layers, norm("norm"), s.get("output", s["tok"]), meter,
+                             logit_shift)
+
+
+def logit_shift(fused: dict[str, torch.Tensor]) -> int:
+    """Model owner: the largest k ≤ 16 with 2^k·B ≤ ``protocols.lut_argmax.DOMAIN`` for the weight
+    bound B ≥ |logit| = |W_v·(x̂·w + β)|, B = max_v ‖W_v‖·(√E·max|w| + ‖β‖) (‖x̂‖ ≤ √E after the final
+    norm), else 0. Public (sent once at set-up): it reveals a power-of-two bound of the LM head's
+    scale. Tiny random models (B ≈ 2.6) get k = 4, so their near-tied logits are decided at a 16×
+    finer step; SmolLM2-135M (B ≈ 600, measured |logits| ≤ 41) keeps k = 0."""
+    w_out = fused.get("output", fused["tok"]).double()
+    gain = w_out.shape[1] ** 0.5 * fused["norm.w"].double().abs().max()
+    if "norm.b" in fused:
+        gain = gain + fused["norm.b"].double().norm()
+    bound = float(w_out.norm(dim=1).max() * gain)
+    k = math.floor(math.log2(lut_argmax.DOMAIN / bound)) if bound > 0 else 16
+    return max(0, min(16, k))

@@ -7,6 +7,8 @@ token. Here ``[W]`` gets one persistent mask ``[B]``:
 Set-up (once per operand, and once per appended block of rows):
     1. Obtain a random sharing ``[B]`` from the provider (the dealer keeps ``B``).
     2. Open ``δ = [W] − [B]`` (1 round, ``|W|`` elements). Keep ``δ`` (public) and ``[B]``.
+    Appended rows' openings wait for the next product with the operand and share its round
+    (``append_all``: a decode step's K/V rows go out with its q·Kᵀ opening).
 Per call ``[x] @ [W]`` (or ``[x] @ [W]ᵀ``):
     1. Obtain fresh ``[A]`` (shape of ``x``) and ``[C] = [A @ B]`` from the provider.
     2. Open ``ε = [x] − [A]`` (1 round, ``|x|`` elements).
@@ -82,6 +84,7 @@ class FixedMaskOperand:
         b = self._provider.mask(self.key, w.size(), device=w.device)
         self._delta = _open(w.share - b.share)  # W − B, public ring elements
         self._share = self._mask_to_w(b.share, self._delta)
+        self._appends: _Appends | None = None
         weakref.finalize(self, self._provider.release, self.key)
         logger.debug("fixed mask %d (%s): opened %d elements", self.key, self._provider.NAME,
                      self._delta.numel())
@@ -91,7 +94,7 @@ class FixedMaskOperand:
                     key: int, provider) -> FixedMaskOperand:
         self = cls.__new__(cls)
         self._delta, self._share, self.encoder, self.grow_dim = delta, share, encoder, grow_dim
-        self.key, self._provider = key, provider
+        self.key, self._provider, self._appends = key, provider, None
         weakref.finalize(self, provider.release, key)
         return self
 
@@ -102,7 +105,11 @@ class FixedMaskOperand:
 
     @property
     def shape(self) -> torch.Size:
-        return self._delta.size()
+        """The shape with any appended rows (also those whose opening is still pending)."""
+        size = list(self._delta.size())
+        if self._appends is not None:
+            size[self.grow_dim] += self._appends.rows(self)
+        return torch.Size(size)
 
     @property
     def device(self) -> torch.device:
@@ -111,7 +118,14 @@ class FixedMaskOperand:
     @property
     def secret(self) -> Secret:
         """``[W]`` as an MPCTensor: party 0 holds ``δ + b0``, the others ``b_i`` (no communication)."""
+        self._settle()
         return MPCTensor.from_shares(self._share.clone(), precision=self.encoder._precision_bits)
+
+    def _settle(self) -> None:
+        """Open pending appended rows now (1 round), if any."""
+        if self._appends is not None:
+            from protocols.rounds import together
+            together(self._appends.step())
 
     def append(self, rows: Secret) -> None:
         """Concatenate ``[rows]`` along ``grow_dim``; opens only ``rows − B_new`` (``|rows|`` elements)."""
@@ -119,6 +133,7 @@ class FixedMaskOperand:
 
     def _masked_rows(self, rows: Secret) -> tuple[ArithmeticSharedTensor, torch.Tensor]:
         """Check ``rows``, draw their new mask rows [B_new]: (B_new, this party's share of rows − B_new)."""
+        self._settle()
         if self.grow_dim is None:
             raise ValueError("append needs an operand built with grow_dim")
         r = _arith(rows)
@@ -143,6 +158,7 @@ class FixedMaskOperand:
         under TFP. (Use it for public evictions, e.g. a sliding window; secret selections need a
         one-hot product instead.)
         """
+        self._settle()
         dim = dim % len(self.shape)
         index = torch.as_tensor(index, dtype=torch.long, device=self.device)
         key = self._provider.new_key()
@@ -156,12 +172,35 @@ class FixedMaskOperand:
 
 
 def append_all(pairs: list[tuple["FixedMaskOperand", Secret]]) -> None:
-    """``operand.append(rows)`` for every pair with all openings in one round (e.g. a layer's K and V)."""
-    from protocols.rounds import open_many
-    prepared = [(op, *op._masked_rows(rows)) for op, rows in pairs]
-    opened = open_many([plain(masked) for _, _, masked in prepared])
-    for (op, b, _), delta in zip(prepared, opened):
-        op._extend(b, wrap(delta))
+    """``operand.append(rows)`` for every pair, all openings in one round (e.g. a layer's K and V),
+    deferred: the masks are drawn now and the opening joins the round of the next product with any of
+    the operands (``matmul_step``), or runs on its own when an operand is read otherwise. Public:
+    which round carries it."""
+    _Appends([(op, *op._masked_rows(rows)) for op, rows in pairs])
+
+
+class _Appends:
+    """Rows drawn for several operands whose ``rows − B_new`` openings are still to come (one round)."""
+
+    def __init__(self, prepared: list[tuple[FixedMaskOperand, ArithmeticSharedTensor, torch.Tensor]]) -> None:
+        self.prepared = prepared
+        for op, _, _ in prepared:
+            op._appends = self
+
+    def rows(self, op: FixedMaskOperand) -> int:
+        return sum(int(b.size(op.grow_dim)) for o, b, _ in self.prepared if o is op)
+
+    def step(self):
+        """The openings as a ``protocols.rounds.Pending``; its finish extends every operand."""
+        from protocols.rounds import Pending
+        for op, _, _ in self.prepared:
+            op._appends = None
+
+        def finish(opened: list[torch.Tensor]) -> None:
+            for (op, b, _), delta in zip(self.prepared, opened):
+                op._extend(b, wrap(delta))
+
+        return Pending([plain(masked) for _, _, masked in self.prepared], finish)
 
 
 class StockOperand:
@@ -224,7 +263,10 @@ def fixed_matmul(x: Secret, w: Operand, *, transpose_w: bool = False) -> Secret:
     instead (``16·(|x| + |W|)`` bytes).
     """
     if isinstance(w, StockOperand):
-        return x.matmul(w._value.transpose(-1, -2) if transpose_w else w._value)
+        out = x.matmul(w._value.transpose(-1, -2) if transpose_w else w._value)
+        if _arith(x).encoder.scale == 1:  # CrypTen keeps x's encoder: the product is at W's scale
+            _arith(out).encoder = _arith(w._value).encoder
+        return out
     xa = _arith(x)
     result = ArithmeticSharedTensor.from_shares(wrap(fixed_matmul_raw(x, w, transpose_w=transpose_w)), precision=0)
     sx, sw = xa.encoder.scale, w.encoder.scale
@@ -248,15 +290,18 @@ def matmul_step(x: torch.Tensor, w: FixedMaskOperand, *, transpose_w: bool = Fal
     from protocols.rounds import Pending
     out_size = product_size(x.size(), w.shape, transpose_w)  # raises on a shape mismatch
     a, c = w._provider.pair(w.key, x.size(), w.shape, transpose_w, device=x.device)
+    appends = w._appends.step() if w._appends is not None else Pending([], lambda _: None)
+    n = len(appends.opens)
 
     def finish(opened: list[torch.Tensor]) -> torch.Tensor:
+        appends.finish(opened[:n])  # the operand's pending rows, opened in this round
         # ε@δ + ε@[B] + [A]@δ + [C] = ε@[W] + [A]@δ + [C]   (party 0's [W] share already holds δ)
-        z = c.share + torch.matmul(wrap(opened[0]), _t(w._share, transpose_w))
+        z = c.share + torch.matmul(wrap(opened[n]), _t(w._share, transpose_w))
         z += torch.matmul(a.share, _t(w._delta, transpose_w))
         assert z.size() == out_size, f"product shape {tuple(z.size())} != {tuple(out_size)}"
         return plain(z)
 
-    return Pending([x - plain(a.share)], finish)
+    return Pending(appends.opens + [x - plain(a.share)], finish)
 
 
 def share_weight(tensor: torch.Tensor | None, src: int, shape: tuple[int, ...], *,

@@ -14,6 +14,10 @@ The step shrinks as the pairs thin out (``_STEPS``: h = 1/2 with N = 2^9 one-hot
 while > 256 pairs, 1/32 (2^13) while > 16, 2^−9 (2^17) for the last ones), so the material stays
 ≈ 2^9·n per row and a near-tie decides a token only when the two top logits meet early (V = 49152:
 in the first 7 levels with probability 2^7/V per row) or are within 2^−9.
+Scale: ``shift`` multiplies the logits by a public 2^shift before packing (exact, local), so a model
+whose logits are known to stay far inside the domain (``mpcache.model.logit_shift``: tiny random
+models, |logits| < 1) is decided at a finer step.
+
 Reveal: the winner P = x·2^b + idx times 2^(64−b) is idx·2^(64−b) in the ring (the value's bits
 leave the ring), opened to ``dst`` alone: nothing but the index.
 
@@ -46,8 +50,8 @@ def _step_log2(pairs: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _sign_table(b: int, step_log2: int) -> Table:
-    """Slope column [c > 0] (scale 1) on the grid of step 2^step_log2 logits over [−128, 128), for
-    packed inputs (@2^(16+b)); no plain column."""
+    """Slope column [c > 0] (scale 1) on the grid of step 2^step_log2 over [−128, 128), for packed
+    inputs (@2^(16+b)); no plain column."""
     shift = F + b + step_log2
     bits = _DOMAIN_LOG2 + 1 - step_log2
     low = -(1 << (bits - 1))
@@ -55,12 +59,16 @@ def _sign_table(b: int, step_log2: int) -> Table:
     return Table(shift, low, torch.zeros(0, 1 << bits, dtype=torch.long), slopes)
 
 
-def packed_max(x: Secret) -> torch.Tensor:
-    """Shares of the packed winner x_idx·2^b + idx per row of the last dim, (..., 1): ⌈log2 n⌉ rounds."""
+DOMAIN = 64.0  # |2^shift·x| must stay below this
+
+
+def packed_max(x: Secret, shift: int = 0) -> torch.Tensor:
+    """Shares of the packed winner 2^shift·x_idx·2^b + idx per row of the last dim, (..., 1):
+    ⌈log2 n⌉ rounds."""
     n = x.shape[-1]
     b = max(1, math.ceil(math.log2(n)))
-    assert b <= 20, f"argmax over {n} entries: at most 2^20"
-    p = add_public(share_of(x) << b, torch.arange(n, device=share_of(x).device))
+    assert b <= 20 and 0 <= shift <= 16, f"argmax over {n} entries (at most 2^20), shift {shift} (0..16)"
+    p = add_public(share_of(x) << (b + shift), torch.arange(n, device=share_of(x).device))
     while p.shape[-1] > 1:
         half = p.shape[-1] // 2
         a, c, rest = p[..., :half], p[..., half:2 * half], p[..., 2 * half:]
@@ -70,13 +78,13 @@ def packed_max(x: Secret) -> torch.Tensor:
     return p
 
 
-def argmax_to(x: Secret, dst: int) -> torch.Tensor | None:
+def argmax_to(x: Secret, dst: int, shift: int = 0) -> torch.Tensor | None:
     """The index of each row's max of [x] (last dim), opened to party ``dst`` only (module
     docstring): a long tensor (...,) on ``dst``, ``None`` elsewhere. ⌈log2 n⌉ + 1 rounds, 32 logged
-    bytes per pair and 8 per row for every party."""
+    bytes per pair and 8 per row for every party. Domain |2^shift·x| < ``DOMAIN``."""
     n = x.shape[-1]
     b = max(1, math.ceil(math.log2(n)))
-    top = packed_max(x) << (64 - b)  # idx·2^(64−b): the logit's bits shift out of the ring
+    top = packed_max(x, shift) << (64 - b)  # idx·2^(64−b): the logit's bits shift out of the ring
     opened = reveal_to(to_secret(top.squeeze(-1), precision=0), dst)
     if opened is None:
         return None

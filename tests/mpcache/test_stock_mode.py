@@ -1,7 +1,7 @@
 """Stock-CrypTen mode (``PrivateSession(fixed_masks=False)``) on real parties, tiny-llama.
 
 Same greedy tokens as the fixed-mask model, and a per-token decode that opens more (the weights and
-K/V on every product), while its set-up opens nothing.
+K/V on every product), while its set-up opens no weights.
 """
 from __future__ import annotations
 
@@ -35,5 +35,5 @@ def test_stock_matches_fixed_and_costs_more() -> None:
     fixed = run_parties(_job, True, timeout=120)[0]
     stock = run_parties(_job, False, timeout=120)[0]
     assert stock["tokens"] == fixed["tokens"] and len(fixed["tokens"]) == N_NEW
-    assert stock["setup"] == 0 < fixed["setup"]
+    assert stock["setup"] < 64 < fixed["setup"]  # stock opens no weights: only the public argmax scale (one int)
     assert stock["decode"] > 1.5 * fixed["decode"], (stock["decode"], fixed["decode"])

@@ -86,7 +86,7 @@ def _delta(before):
 def _cost_job(seed: int, calls: int, widths: tuple[int, ...]) -> dict:
     """Per width F: set-up cost, k fixed_matmul calls, k stock CrypTen matmuls (secret W)."""
     from protocols.compat import comm, crypten
-    from protocols.fixed_mask import FixedMaskOperand, fixed_matmul, share_weight
+    from protocols.fixed_mask import FixedMaskOperand, fixed_matmul, fixed_matmul_raw, share_weight
 
     gen = torch.Generator().manual_seed(seed)
     x = crypten.cryptensor(torch.randn(2, D, generator=gen), src=0)
@@ -111,6 +111,14 @@ def _cost_job(seed: int, calls: int, widths: tuple[int, ...]) -> dict:
     before = _stats()
     cache.append(rows)
     costs["append"] = _delta(before)
+    q = crypten.cryptensor(torch.randn(1, 2, D, generator=gen))
+    before = _stats()
+    fixed_matmul_raw(q, cache, transpose_w=True)  # (1, 2, D) x (1, 8, D)ᵀ with the 3 rows' opening
+    costs["append_product"] = _delta(before)
+    cache.append(rows)
+    before = _stats()
+    cache.secret  # any other read opens the pending rows on its own
+    costs["append_read"] = _delta(before)
     return costs
 
 
@@ -132,5 +140,7 @@ def test_fixed_matmul_bytes(provider, seed):
     assert flat[0] == flat[1], flat
     grow = calls * 16 * D * (widths[1] - widths[0])
     assert p1[widths[1]]["stock"][0] >= p1[widths[0]]["stock"][0] + grow
-    # appending 3 rows opens only them
-    assert p1["append"] == (16 * 3 * D, 1), p1["append"]
+    # appending 3 rows opens only them, in the round of the next product with the operand (or on its own)
+    assert p1["append"] == (0, 0), p1["append"]
+    assert p1["append_product"] == (16 * (3 + 2) * D, 1), p1["append_product"]
+    assert p1["append_read"] == (16 * 3 * D, 1), p1["append_read"]
