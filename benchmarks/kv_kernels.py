@@ -17,6 +17,8 @@ Times are medians of CUDA-event timings with L2 flushed before each run: eager l
 (launch overhead removed, as a serving decode loop does). ``Triton full`` is the same split-K kernel
 over all pages (dense flash-decoding), the strong dense baseline next to SDPA.
 Usage: python benchmarks/kv_kernels.py [--lengths 8K,16K,32K,64K,128K] [--out benchmarks/reports]
+``--quant 2`` times the fused KIVI dequantize-attention kernel instead (``bench_quant_length``;
+kv_quant_attention.json/.md).
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ import torch.nn.functional as F
 if __name__ == "__main__" and not __package__:   # run as a file: crypten's wheel ships a `benchmarks` package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from plaintext_ref import kernels  # noqa: E402
+from plaintext_ref.kernels.quant_attention import QuantKV, quant_decode_attention  # noqa: E402
+from plaintext_ref.policies import KIVI  # noqa: E402
 
 logger = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -113,14 +117,21 @@ def _step(q, k, v, lo, hi, n_pages: int, cfg: KernelBenchConfig, backend: str) -
     return kernels.sparse_decode_attention(q, k, v, idx, cfg.page_size, backend=backend)
 
 
-def bench_length(t: int, cfg: KernelBenchConfig) -> dict:
-    """Median times (ms) and errors at one context length."""
+def _random_qkv(t: int, cfg: KernelBenchConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded random CUDA decode inputs in cfg.dtype: q (B, H, D), k and v (B, Hkv, T, D)."""
     gen = torch.Generator(device="cuda").manual_seed(cfg.seed + t)
     dt = DTYPES[cfg.dtype]
     b, h, hkv, d = cfg.batch, cfg.heads, cfg.kv_heads, cfg.head_dim
     q = torch.randn(b, h, d, device="cuda", dtype=dt, generator=gen)
     k = torch.randn(b, hkv, t, d, device="cuda", dtype=dt, generator=gen)
     v = torch.randn(b, hkv, t, d, device="cuda", dtype=dt, generator=gen)
+    return q, k, v
+
+
+def bench_length(t: int, cfg: KernelBenchConfig) -> dict:
+    """Median times (ms) and errors at one context length."""
+    q, k, v = _random_qkv(t, cfg)
+    b, h, hkv, d = cfg.batch, cfg.heads, cfg.kv_heads, cfg.head_dim
     lo, hi = kernels.page_minmax(k, cfg.page_size)
     p = cfg.n_pages(t)
     score = kernels.cluster_scores(q, lo, hi, cfg.mode)                               # (B, Hkv, C)
@@ -216,6 +227,58 @@ def run(cfg: KernelBenchConfig) -> dict:
     return report
 
 
+def bench_quant_length(t: int, cfg: KernelBenchConfig, bits: int = 2, group: int = 32, residual: int = 128) -> dict:
+    """One decode step's attention over a KIVI cache of T slots (plaintext_ref.kernels.quant_attention): median ms
+    of SDPA over the fp K/V, torch dequantize-then-attend, the torch fallback on the codes and the fused Triton
+    kernel (eager launches), the cache bytes, and the kernels' max abs errors vs dequantize-then-attend."""
+    q, k, v = _random_qkv(t, cfg)
+    dt = DTYPES[cfg.dtype]
+    b, h, hkv, d = cfg.batch, cfg.heads, cfg.kv_heads, cfg.head_dim
+    cache = QuantKV.from_dense(k, v, KIVI(bits=bits, group_size=group, residual_length=residual))
+    qf = q.view(b, hkv, h // hkv, d)                                                  # (B, Hkv, G, D)
+
+    def dequantize_then_attend() -> torch.Tensor:
+        k_hat, v_hat = cache.dequantize()
+        return F.scaled_dot_product_attention(qf, k_hat.to(dt), v_hat.to(dt)).view(b, h, d)
+
+    cases = {"sdpa_fp": lambda: F.scaled_dot_product_attention(qf, k, v),
+             "dequant_sdpa": dequantize_then_attend,
+             "torch_codes": lambda: quant_decode_attention(q, cache, backend="torch"),
+             "triton_fused": lambda: quant_decode_attention(q, cache, backend="triton")}
+    ref = dequantize_then_attend().float()
+    errs = {name: (cases[name]().float() - ref).abs().max().item() for name in ("torch_codes", "triton_fused")}
+    packed = sum(x.numel() * x.element_size() for x in vars(cache).values() if isinstance(x, torch.Tensor))
+    return {"T": t, "bits": bits, "group": group, "residual": residual,
+            "ms": {name: _median_ms(fn, False) for name, fn in cases.items()},
+            "cache_bytes": packed, "fp_bytes": 2 * k.numel() * k.element_size(), "max_abs_err": errs}
+
+
+def run_quant(cfg: KernelBenchConfig, bits: int = 2) -> dict:
+    """bench_quant_length at every length; writes kv_quant_attention.json/.md under cfg.out."""
+    if not torch.cuda.is_available() or not kernels.HAS_TRITON:
+        raise SystemExit("kv_kernels --quant needs a CUDA GPU and triton")
+    rows = [bench_quant_length(t, cfg, bits) for t in cfg.lengths]
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "config": asdict(cfg), "rows": rows}
+    first = rows[0]
+    lines = [f"# Fused dequantize-attention (KIVI {bits}-bit, G={first['group']}, R={first['residual']}) — "
+             f"{report['gpu']}", "",
+             f"{cfg.dtype}, B={cfg.batch}, H={cfg.heads}, Hkv={cfg.kv_heads}, D={cfg.head_dim}. Median ms of one "
+             "decode step's attention (one layer, eager launches, L2 flushed); bytes of one layer's K/V.", "",
+             "| T | SDPA fp | dequant + SDPA | torch on codes | Triton fused | ×fused vs dequant | KIVI bytes | "
+             "fp bytes | err torch | err Triton |", "|" + "---|" * 10]
+    for r in rows:
+        m = r["ms"]
+        lines.append(f"| {r['T']} | {m['sdpa_fp']:.4f} | {m['dequant_sdpa']:.4f} | {m['torch_codes']:.4f} | "
+                     f"{m['triton_fused']:.4f} | {m['dequant_sdpa'] / m['triton_fused']:.2f} | {r['cache_bytes']} | "
+                     f"{r['fp_bytes']} | {r['max_abs_err']['torch_codes']:.1e} | "
+                     f"{r['max_abs_err']['triton_fused']:.1e} |")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kv_quant_attention.json").write_text(json.dumps(report, indent=2))
+    (out / "kv_quant_attention.md").write_text("\n".join(lines) + "\n")
+    return report
+
+
 def _length(text: str) -> int:
     text = text.strip().upper()
     return int(text[:-1]) * 1024 if text.endswith("K") else int(text)
@@ -229,10 +292,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
     parser.add_argument("--out", default="benchmarks/reports", help="folder for kv_kernels.json/.md")
+    parser.add_argument("--quant", type=int, metavar="BITS", help="instead: the fused KIVI dequantize-attention "
+                        "kernel at BITS bits (writes kv_quant_attention.json/.md)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = KernelBenchConfig(lengths=tuple(_length(x) for x in args.lengths.split(",")), budget=args.budget,
                             mode=args.mode, dtype=args.dtype, cuda_graphs=not args.no_graphs, out=args.out)
+    if args.quant:
+        run_quant(cfg, args.quant)
+        print((Path(cfg.out) / "kv_quant_attention.md").read_text())
+        return
     print(markdown(run(cfg)))
 
 

@@ -73,24 +73,49 @@ def sparse_decode_attention_torch(q: Tensor, k: Tensor, v: Tensor, page_idx: Ten
 if triton is not None:
 
     @triton.jit
+    def _split_program(HKV, GP: tl.constexpr, DP: tl.constexpr):
+        """Program (B·Hkv, splits) of a split-K decode kernel: batch b, KV head h, split, n_splits, and the
+        row (GP,) and channel (DP,) ranges; plus the zero online-softmax state m (GP,), l (GP,), acc (GP, DP)."""
+        pid_bh = tl.program_id(0)
+        g = tl.arange(0, GP)
+        m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+        acc = tl.zeros([GP, DP], dtype=tl.float32)
+        return (pid_bh // HKV, pid_bh % HKV, tl.program_id(1), tl.num_programs(1), g, tl.arange(0, DP), m_i,
+                tl.zeros([GP], dtype=tl.float32), acc)
+
+    @triton.jit
+    def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
+        """One block of the online softmax in log2 units: scores s (GP, BLOCK_N), -inf where masked, values
+        v (BLOCK_N, DP) -> the updated m = max_n s, l = Σ_n 2^(s − m) and acc = Σ_n 2^(s − m) v."""
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        corr = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * corr + tl.sum(p, axis=1)
+        acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _store_split(o_ptr, lse_ptr, acc, m_i, l_i, bh, split, n_splits, g, d, G: tl.constexpr, D: tl.constexpr):
+        """Write a split's partial output acc / l (G, D) and its log2-sum-exp m + log2 l (-inf if it saw no
+        slot) at row (bh·n_splits + split)·G + g of the (B·Hkv, splits, G) buffers."""
+        empty = l_i == 0.0
+        acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+        row = (bh * n_splits + split) * G + g
+        tl.store(o_ptr + row[:, None] * D + d[None, :], acc, mask=(g < G)[:, None] & (d < D)[None, :])
+        tl.store(lse_ptr + row, lse, mask=g < G)
+
+    @triton.jit
     def _sparse_decode_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, mask_ptr, o_ptr, lse_ptr,
                               T, P, HKV, pages_per_split, qk_scale,
                               sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, si_b, si_h, sm_b, sm_h,
                               G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                               PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
                               DOT_PREC: tl.constexpr):
-        pid_bh = tl.program_id(0)
-        split = tl.program_id(1)
-        n_splits = tl.num_programs(1)
-        b = pid_bh // HKV
-        h = pid_bh % HKV
-        g = tl.arange(0, GP)
-        d = tl.arange(0, DP)
+        b, h, split, n_splits, g, d, m_i, l_i, acc = _split_program(HKV, GP, DP)
         q = tl.load(q_ptr + b * sq_b + (h * G + g)[:, None] * sq_h + d[None, :],
                     mask=(g < G)[:, None] & (d < D)[None, :], other=0.0)                # (GP, DP)
-        m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([GP], dtype=tl.float32)
-        acc = tl.zeros([GP, DP], dtype=tl.float32)
         n_start = split * pages_per_split * PAGE
         for n0 in range(0, pages_per_split * PAGE, BLOCK_N):                          # pages_per_split·PAGE % BLOCK_N == 0
             n = n_start + n0 + tl.arange(0, BLOCK_N)
@@ -105,19 +130,8 @@ if triton is not None:
             vt = tl.load(v_ptr + b * sv_b + h * sv_h + tok[:, None] * sv_t + d[None, :], mask=ld, other=0.0)
             s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale          # (GP, BLOCK_N), log2 units
             s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            corr = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * corr + tl.sum(p, axis=1)
-            acc = acc * corr[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
-            m_i = m_new
-        empty = l_i == 0.0
-        acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-        row = (pid_bh * n_splits + split) * G + g                                      # (B·Hkv, splits, G)
-        tl.store(o_ptr + row[:, None] * D + d[None, :], acc, mask=(g < G)[:, None] & (d < D)[None, :])
-        tl.store(lse_ptr + row, lse, mask=g < G)
+            m_i, l_i, acc = _online_softmax_step(s, vt, m_i, l_i, acc, DOT_PREC)
+        _store_split(o_ptr, lse_ptr, acc, m_i, l_i, b * HKV + h, split, n_splits, g, d, G, D)
 
     @triton.jit
     def _merge_splits_kernel(o_ptr, lse_ptr, out_ptr, n_splits,

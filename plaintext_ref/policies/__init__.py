@@ -40,6 +40,7 @@ from plaintext_ref.policies.nosa import NOSA
 from plaintext_ref.policies.kivi import KIVI
 from plaintext_ref.policies.mikv import MiKV
 from plaintext_ref.policies.vidkv import VidKV
+from plaintext_ref.policies.trim_kv import TrimKV
 
 POLICIES: dict[str, type[KVPolicy]] = {}
 
@@ -73,6 +74,7 @@ register("nosa", NOSA)
 register("kivi", KIVI)
 register("mikv", MiKV)
 register("vidkv", VidKV)
+register("trim_kv", TrimKV)
 
 
 def get_policy(name: str, **kwargs) -> KVPolicy:
@@ -87,4 +89,4 @@ __all__ = ["Budget", "DELTA", "ExpectedAttention", "FullCache", "H2O", "KNorm", 
            "StreamingLLM", "TOVA", "ThinK", "TokenSelect", "TopKEviction", "WindowKV", "gather_kv",
            "get_policy", "gqa_aggregate", "keep_slots", "protected_slots", "register", "window_attention"]
 __all__ += ["KVMerger", "NOSA"]
-__all__ += ["KIVI", "MiKV", "VidKV"]
+__all__ += ["KIVI", "MiKV", "VidKV", "TrimKV"]
