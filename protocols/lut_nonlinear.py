@@ -14,7 +14,8 @@ Scales: inputs and outputs at 2^16 (CrypTen's encoding); "@2^k" marks an interme
   Cost 3 rounds. Error ≤ 5e-4 (tangent: max|silu''|·h²/2 = 2.4e-4 plus the slope's rounding for
   |x| < 10; silu ≈ relu beyond, |x|·σ(−|x|) ≤ 4.6e-4). Domain |x| < 62 (beyond, the coarse index wraps).
   ``silu_mul`` (the gated MLP's silu(g)·u): the same look-ups with the product folded into the
-  selection, 4 rounds instead of 3 + 2.
+  selection, 4 rounds instead of 3 + 2. ``gelu_tanh`` (GPT-2): the same with GELU's tables (error
+  ≤ 4e-4: max|f''|·h²/2 = 3.9e-4).
 * ``softmax``: masked entries take the value of the row's first kept entry (public choice, local),
   so the row max is unchanged; a max tree of m = b + relu(a − b) with relu looked up at step 1/4
   on [−256, 256) (⌈log2 n⌉ rounds; |m − max| ≤ ⌈log2 n⌉/4); e = exp(x − m) in two look-ups
@@ -71,11 +72,25 @@ def _silu_grad(x: torch.Tensor) -> torch.Tensor:
     return s * (1 + x * (1 - s))
 
 
+def _gelu_ref(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def _gelu_grad(x: torch.Tensor) -> torch.Tensor:
+    k = math.sqrt(2 / math.pi)
+    t = torch.tanh(k * (x + 0.044715 * x**3))
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t**2) * k * (1 + 3 * 0.044715 * x**2)
+
+
+_ACTS = {"silu": (_silu_ref, _silu_grad), "gelu_tanh": (_gelu_ref, _gelu_grad)}
+
+
 @functools.lru_cache(maxsize=None)
-def _silu_tables() -> tuple[Table, Table]:
-    """Fine: a = silu(c) − silu'(c)·c @2^40, b = silu'(c) @2^24 (× x @2^16); coarse: sel, far."""
-    fine = table([lambda c: _silu_ref(c) - _silu_grad(c) * c], shift=F - 5, low=-512, bits=10, in_frac=F,
-                 out_frac=40, slopes=[_silu_grad], slope_frac=24)
+def _act_tables(act: str = "silu") -> tuple[Table, Table]:
+    """Fine: a = f(c) − f'(c)·c @2^40, b = f'(c) @2^24 (× x @2^16); coarse: sel, far (f ≈ relu beyond 12)."""
+    f, df = _ACTS[act]
+    fine = table([lambda c: f(c) - df(c) * c], shift=F - 5, low=-512, bits=10, in_frac=F,
+                 out_frac=40, slopes=[df], slope_frac=24)
     coarse = table([lambda c: (c.abs() < 12).double(), lambda c: (c >= 12).double()],
                    shift=F + 1, low=-32, bits=6, in_frac=F, out_frac=0)
     return fine, coarse
@@ -83,7 +98,17 @@ def _silu_tables() -> tuple[Table, Table]:
 
 def silu(x: Secret) -> Secret:
     """``[x·σ(x)]`` in 3 rounds (module docstring)."""
-    fine, coarse = _silu_tables()
+    return _relu_like(x, "silu")
+
+
+def gelu_tanh(x: Secret) -> Secret:
+    """GPT-2's gelu_new ``½x(1 + tanh(√(2/π)(x + 0.044715x³)))`` as ``silu``: 3 rounds, error ≤ 4e-4
+    (tangent at a grid point up to h away: max|f''|·h²/2 = 3.9e-4), |x| < 62."""
+    return _relu_like(x, "gelu_tanh")
+
+
+def _relu_like(x: Secret, act: str) -> Secret:
+    fine, coarse = _act_tables(act)
     xs = share_of(x)
     (a, bx), (bits, _) = lookup_many([Request(xs, fine, xs), Request(xs, coarse)])
     sel_fine, far_x = mul_many([(bits[0], a[0] + bx[0]), (bits[1], xs)])
@@ -106,7 +131,7 @@ def silu_mul(x: Secret, u: Secret) -> Secret:
     at 2^32 with x as multiplier); f·u and far·u; sel·(f·u) and (far·u)·x; one truncation (``silu`` then
     a product and its truncation: 5). Error ≤ 5e-4·|u| + 2^−15; domain as ``silu`` and |silu(x)·u|,
     |x·u| < 2^15 (a wrapped fine entry beyond |x| ≥ 12 is multiplied by an exact 0)."""
-    fine, (_, coarse) = _silu_table_32(), _silu_tables()
+    fine, (_, coarse) = _silu_table_32(), _act_tables("silu")
     xs, us = share_of(x), share_of(u)
     (a, bx), (bits, _) = lookup_many([Request(xs, fine, xs), Request(xs, coarse)])
     fu, far_u = mul_many([(a[0] + bx[0], us), (bits[1], us)])  # @2^48, @2^16

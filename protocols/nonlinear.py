@@ -229,8 +229,12 @@ def gelu_tanh(x: Secret, *, cfg: ProtocolConfig | None = None) -> Secret:
     """GPT-2's gelu_new, exactly ``x·σ(2√(2/π)(x + 0.044715x³))`` (= ½x(1 + tanh(…))).
 
     Cost: 2 mul (x², x³) + sigmoid + 1 mul = 45 rounds (local: 25). Error: max abs 2e-4·(1 + |x|) for
-    |x| ≤ 40 (x³ must stay far below the fixed-point wrap). Config: sigmoid's.
+    |x| ≤ 40 (x³ must stay far below the fixed-point wrap). Config: nonlinear (``"lut"``:
+    ``protocols.lut_nonlinear.gelu_tanh``, 3 rounds, error ≤ 4e-4 for |x| < 62), sigmoid's.
     """
+    cfg = cfg or active_config()
+    if cfg.nonlinear == "lut":
+        return lut_nonlinear.gelu_tanh(x)
     inner = (x + x.square() * x * 0.044715) * (2 * math.sqrt(2 / math.pi))
     return x * sigmoid(inner, cfg=cfg)
 
