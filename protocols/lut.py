@@ -149,14 +149,13 @@ class Request:
     mult: torch.Tensor | None = None
 
 
-def _rotated_dot(o: torch.Tensor, c_hi: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+def _rotated_dot(o: torch.Tensor, c_hi: torch.Tensor, tables: torch.Tensor, first: int | None) -> torch.Tensor:
     """``Σ_j o[r, j]·T[k, (c_hi[r] − j) mod N]`` for rows r of o (rows, N) and every table row k: (K, rows).
 
-    A single 0/1 step row T = [k ≥ f] (a comparison) is a cyclic interval sum of o, read off its
-    prefix sums: j ∈ [c + 1, c + 1 + N − f) mod N.
+    ``first`` = f when T is a single 0/1 step row [k ≥ f] (a comparison, ``_step_start``): then the sum
+    is a cyclic interval sum of o, read off its prefix sums: j ∈ [c + 1, c + 1 + N − f) mod N.
     """
     n = o.shape[-1]
-    first = _step_start(tables)
     if first is not None:
         cum = o.cumsum(1)  # cum[:, m] = Σ_{j ≤ m} o[:, j]; ring arithmetic, wrapping
 
@@ -189,15 +188,18 @@ def _evaluate(onehots: OneHots, c_hi: torch.Tensor, t: Table, eps: torch.Tensor 
     flat_e = None if eps is None else eps.reshape(-1)
     k = t.values.shape[0] + (0 if eps is None else t.slopes.shape[0])
     rows = max(1, _CHUNK // (onehots.n * k))
+    step_v = _step_start(t.values)
+    step_s = _step_start(t.slopes) if eps is not None else None
     vals, prods = [], []
     for start in range(0, flat_c.numel(), rows):
         stop = min(start + rows, flat_c.numel())
         o, ob = onehots.chunk(start, stop)
         c = flat_c[start:stop]
         if t.values.shape[0]:
-            vals.append(_rotated_dot(o, c, t.values))
+            vals.append(_rotated_dot(o, c, t.values, step_v))
         if eps is not None:
-            prods.append(_rotated_dot(o, c, t.slopes) * flat_e[start:stop] + _rotated_dot(ob, c, t.slopes))
+            prods.append(_rotated_dot(o, c, t.slopes, step_s) * flat_e[start:stop]
+                         + _rotated_dot(ob, c, t.slopes, step_s))
     shape = tuple(c_hi.shape)
     values = torch.cat(vals, dim=1).reshape(-1, *shape) if vals else torch.zeros((0, *shape), dtype=torch.long,
                                                                                  device=c_hi.device)

@@ -106,3 +106,35 @@ def test_fused_attention_matches_torch_in_formula_rounds(seed):
     for key, r in run_on("TFP", _attention_job, seed)[0].items():
         assert r["out_err"] < 4e-3 and r["p_err"] < 2e-3, (seed, key, r)
         assert r["rounds"] == r["want_rounds"], (key, r)
+
+
+def _step_job(seed: int) -> dict:
+    """A comparison table (one 0/1 step row, evaluated by prefix sums) as values and as slopes."""
+    from protocols import lut
+    from protocols.compat import crypten
+    from protocols.rounds import open_many, share_of
+
+    gen = torch.Generator().manual_seed(seed)
+    shift, low, bits = 8, -128, 8
+    n = 3000
+    x = torch.randint(low * 2**shift, (low + 2**bits - 1) * 2**shift, (n,), generator=gen)
+    w = torch.randint(-2**40, 2**40, (n,), generator=gen)
+    f = int(torch.randint(1, 2**bits, (1,), generator=gen))
+    step = (torch.arange(2**bits) >= f).long().unsqueeze(0)
+    table = lut.Table(shift, low, step, step)
+    xs = crypten.cryptensor(x.double(), src=0, precision=0)
+    ws = crypten.cryptensor(w.double(), src=1, precision=0)
+    (vals, prods), = lut.lookup_many([lut.Request(share_of(xs), table, share_of(ws))])
+    got_vals, got_prods = open_many([vals, prods])
+    idx_lo = torch.div(x, 2**shift, rounding_mode="floor") - low
+    ok = torch.zeros(n, dtype=torch.bool)
+    for d in (0, 1):
+        j = (idx_lo + d) % 2**bits
+        ok |= (got_vals[0] == step[0, j]) & (got_prods[0] == step[0, j] * w)
+    return {"ok": bool(ok.all()), "f": f}
+
+
+@pytest.mark.parametrize("provider_name", ["TFP", "dealer"])
+def test_comparison_rows_by_prefix_sums(provider_name, seed):
+    for r in run_on(provider_name, _step_job, seed):
+        assert r["ok"], (seed, r)
