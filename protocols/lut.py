@@ -45,7 +45,7 @@ _CHUNK = 1 << 22  # elements of (rows × N) handled at once in the local rotatio
 class Table:
     """Public look-up tables on the grid ``(low + j)·2^shift``, j ∈ [0, N) (ring units of the input).
 
-    ``values`` (K, N): plain outputs; ``slopes`` (K2, N) or None: outputs multiplied by the request's
+    ``values`` (K, N), K ≥ 0: plain outputs; ``slopes`` (K2, N) or None: outputs multiplied by the request's
     multiplier. Entries are ring integers (the caller picks their scale).
     """
 
