@@ -22,9 +22,10 @@ from protocols.cost import Meter
 from protocols import lut_argmax
 from protocols.config import active_config
 from protocols.fixed_mask import FixedMaskOperand, StockOperand, fixed_matmul, fixed_matmul_raw
+from protocols.lut_nonlinear import rms_norm_of_squares
 from protocols.nonlinear import gelu_tanh, layer_norm, rms_norm, silu_mul
-from protocols.rounds import share_of, to_secret
-from protocols.truncation import exact_div_many
+from protocols.rounds import share_of, to_secret, together
+from protocols.truncation import exact_div_many, trunc_step
 from protocols.types import Public, Secret
 
 if TYPE_CHECKING:
@@ -102,6 +103,27 @@ def _linear(x: Secret, w: FixedMaskOperand, b: Secret | None) -> Secret:
     return y if b is None else y + b
 
 
+def _linear_raw(x: Secret, w: FixedMaskOperand, b: Secret | None) -> torch.Tensor:
+    """``_linear``'s share before its truncation: x·Wᵀ (+ b) @2^32 (plain int64)."""
+    raw = fixed_matmul_raw(x, w, transpose_w=True)
+    return raw if b is None else raw + share_of(b) * (1 << 16)
+
+
+class Residual(NamedTuple):
+    """The residual stream [x] @2^16 and, when the truncation that made it also squared it
+    (``trunc_step(square=True)``), [x²] @2^32 for the next norm."""
+
+    x: Secret
+    sq: torch.Tensor | None = None
+
+
+def residual_add(x: Residual, raw: torch.Tensor) -> Residual:
+    """x + raw/2^16 for a sublayer's untruncated output raw @2^32: one exact truncation of
+    x·2^16 + raw, which also yields the square (1 round; the sublayer's own truncation is saved)."""
+    ((h, sq),) = together(trunc_step([(raw + share_of(x.x) * (1 << 16), 1 << 16)], square=True))[0]
+    return Residual(to_secret(h), sq)
+
+
 Rope = tuple[torch.Tensor, torch.Tensor] | None  # public cos, sin (S, D); None for GPT-2
 
 
@@ -111,8 +133,10 @@ class SecureRMSNorm:
     def __init__(self, weight: Secret | None, eps: float) -> None:
         self.weight, self.eps = weight, eps
 
-    def __call__(self, x: Secret) -> Secret:  # (B, S, E) -> (B, S, E)
-        return rms_norm(x, self.weight, self.eps)
+    def __call__(self, x: Residual) -> Secret:  # (B, S, E) -> (B, S, E)
+        if x.sq is not None and self.weight is None:
+            return rms_norm_of_squares(x.x, x.sq, self.eps)
+        return rms_norm(x.x, self.weight, self.eps)
 
 
 class SecureLayerNorm:
@@ -121,8 +145,8 @@ class SecureLayerNorm:
     def __init__(self, weight: Secret | None, bias: Secret | None, eps: float) -> None:
         self.weight, self.bias, self.eps = weight, bias, eps
 
-    def __call__(self, x: Secret) -> Secret:  # (B, S, E) -> (B, S, E)
-        return layer_norm(x, self.weight, self.bias, self.eps)
+    def __call__(self, x: Residual) -> Secret:  # (B, S, E) -> (B, S, E)
+        return layer_norm(x.x, self.weight, self.bias, self.eps)
 
 
 def rope_tables(args: ModelArgs, input_pos: Public) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,9 +182,11 @@ class SecureAttention:
         self.args, self.layer, self.meter = args, layer, meter
         self.wqkv, self.bqkv, self.wo, self.bo = wqkv, bqkv, wo, bo
 
-    def __call__(self, x: Secret, rope: Rope, mask: Public | None, seq: Sequence) -> Secret:
+    def __call__(self, x: Secret, rope: Rope, mask: Public | None, seq: Sequence,
+                 raw: bool = False) -> Secret | torch.Tensor:
         """x (B, S, E) -> (B, S, E); appends the S new K/V rows to this layer's cache in ``seq``, then
-        one call into the sequence's policy."""
+        one call into the sequence's policy. ``raw``: the output projection's untruncated share
+        (``_linear_raw``) for ``residual_add``."""
         a = self.args
         B, S, _ = x.shape
         H, Hkv, D, G = a.n_heads, a.n_kv_heads, a.head_dim, a.n_groups
@@ -183,6 +209,8 @@ class SecureAttention:
         y = seq.policy.attend(self.layer, q, cache, mask, seq.partner(self.layer))  # (B, Hkv, G·S, D)
         y = y.reshape(B, H, S, D).transpose(1, 2).reshape(B, S, H * D)
         with self.meter.stage("attention"):
+            if raw:
+                return _linear_raw(y, self.wo, self.bo)
             return _linear(y, self.wo, self.bo)  # (B, S, H·D) -> (B, S, E)
 
     def _qkv_fused(self, x: Secret, rope: Rope) -> tuple[Secret, Secret, Secret]:
@@ -223,11 +251,14 @@ class SecureMLP:
         self.args, self.meter = args, meter
         self.w_in, self.b_in, self.w_out, self.b_out = w_in, b_in, w_out, b_out
 
-    def __call__(self, x: Secret) -> Secret:
+    def __call__(self, x: Secret, raw: bool = False) -> Secret | torch.Tensor:
+        """``raw``: the down projection's untruncated share (``_linear_raw``) for ``residual_add``."""
         F = self.args.hidden_dim
         with self.meter.stage("mlp"):
             h = _linear(x, self.w_in, self.b_in)  # (B, S, E) -> (B, S, 2F) llama | (B, S, F) gpt2
             h = silu_mul(h[..., :F], h[..., F:]) if self.args.family == "llama" else gelu_tanh(h)
+            if raw:
+                return _linear_raw(h, self.w_out, self.b_out)
             return _linear(h, self.w_out, self.b_out)  # (B, S, F) -> (B, S, E)
 
 
@@ -235,18 +266,36 @@ Norm = SecureRMSNorm | SecureLayerNorm
 
 
 class SecureBlock:
+    """Pre-norm block. In the Llama family with look-ups, exact truncation and fixed-mask weights
+    (``fuses_residual``), each sublayer's output stays untruncated and ``residual_add`` truncates it
+    together with the residual, its square serving the next norm (``rms_norm_of_squares``: no
+    squaring round)."""
+
     def __init__(self, attention_norm: Norm, attention: SecureAttention, ffn_norm: Norm, mlp: SecureMLP,
                  meter: Meter) -> None:
         self.attention_norm, self.attention, self.ffn_norm, self.mlp = attention_norm, attention, ffn_norm, mlp
         self.meter = meter
 
-    def __call__(self, x: Secret, rope: Rope, mask: Public | None, seq: Sequence) -> Secret:  # (B, S, E) -> (B, S, E)
+    def fuses_residual(self) -> bool:
+        cfg = active_config()
+        return (self.attention.args.family == "llama" and cfg.nonlinear == "lut" and cfg.truncation == "exact"
+                and isinstance(self.attention.wo, FixedMaskOperand))
+
+    def __call__(self, x: Residual, rope: Rope, mask: Public | None, seq: Sequence) -> Residual:  # (B, S, E)
         with self.meter.stage("norm"):
             xn = self.attention_norm(x)
-        h = x + self.attention(xn, rope, mask, seq)
+        if not self.fuses_residual():
+            h = Residual(x.x + self.attention(xn, rope, mask, seq))
+            with self.meter.stage("norm"):
+                hn = self.ffn_norm(h)
+            return Residual(h.x + self.mlp(hn))
+        raw = self.attention(xn, rope, mask, seq, raw=True)
         with self.meter.stage("norm"):
+            h = residual_add(x, raw)
             hn = self.ffn_norm(h)
-        return h + self.mlp(hn)
+        raw = self.mlp(hn, raw=True)
+        with self.meter.stage("norm"):
+            return residual_add(h, raw)
 
 
 class SecureTransformer:
@@ -286,16 +335,17 @@ class SecureTransformer:
                 x = x + self.pos_embeddings[input_pos]  # public rows of [wpe]: local
         rope = rope_tables(self.args, input_pos) if self.args.family == "llama" else None
         mask = causal_mask(input_pos, T, self.args.n_groups) if S > 1 else None
+        stream = Residual(x)
         for i, block in enumerate(self.layers):
             if hidden_states is not None:
-                hidden_states.append(x)
-            x = block(x, rope, mask, seq)
+                hidden_states.append(stream.x)
+            stream = block(stream, rope, mask, seq)
             if progress:
                 progress(i + 1, len(self.layers))
         if hidden_states is not None:
-            hidden_states.append(x)
+            hidden_states.append(stream.x)
         with self.meter.stage("norm"):
-            x = self.norm(x[:, -1:, :])  # only the last position feeds the LM head
+            x = self.norm(Residual(stream.x[:, -1:, :]))  # only the last position feeds the LM head
         with self.meter.stage("lm_head"):
             return fixed_matmul(x, self.output, transpose_w=True)  # (B, 1, E) x (E, V) -> (B, 1, V)
 

@@ -30,7 +30,8 @@ Scales: inputs and outputs at 2^16 (CrypTen's encoding); "@2^k" marks an interme
   x·w folded into the level selection (``_scale_by_levels``) and one truncation. Cost 7 rounds
   (layer_norm + 1 for the mean). Error ≤ 2e-3 of the row's max |output|. Without w (the model folds
   a norm's w, β into the matrix it feeds): √E/√(Σx² + E·eps) looked up on the sum @2^32 straight
-  from the squares' round (range ``sum_range``), 6 rounds.
+  from the squares' round (range ``sum_range``), 6 rounds; 5 from given squares (``rms_norm_of_squares``:
+  the residual's truncation makes them, ``protocols.truncation``).
 
 ``_wide``: f on [2^lo, 2^hi] for f = 1/v or 1/√v, from G look-ups of the same v at grids of step
 h_g = 2^(hi+1−g·a)/N (level g covers [0, 2^(hi+1−g·a))): level g gives f(c), f'(c) and
@@ -171,14 +172,31 @@ def _tree_max(xs: torch.Tensor) -> torch.Tensor:
     return xs
 
 
-def _exp(z: torch.Tensor) -> torch.Tensor:
-    """e^z @2^16 for z @2^16 in [−494, 14]: 2 look-up rounds, 1 product, 1 truncation."""
-    coarse, fine = _exp_tables()
+@functools.lru_cache(maxsize=None)
+def _exp_fine_24() -> Table:
+    """The fine exp table of the attention's untruncated e @2^44: a = e^f − b̂·f @2^24 with b̂ = e^f
+    rounded to 2^−8 (the slope column, × the residual @2^16): a + b̂·lo = e^f + b̂·(lo − f), so the
+    slope's rounding (≤ 2^−9) only scales |lo − f| < 2^−5 (≤ 2^−14 absolute)."""
+    f = grid(F - 5, -64, 7, F)
+    b = encode(torch.exp(f), 8)
+    a = encode(torch.exp(f) - b.double() / 2**8 * f, 24)
+    return Table(F - 5, -64, a.unsqueeze(0), b.unsqueeze(0))
+
+
+def _exp_product(z: torch.Tensor, fine: Table) -> torch.Tensor:
+    """e^z @2^(20 + the fine table's scale) for z @2^16 in [−494, 14], untruncated: 2 look-up rounds
+    (coarse e^c, then the tangent of e^(z − c)), 1 product."""
+    coarse, _ = _exp_tables()
     ((ec, c), _), = lookup_many([Request(z, coarse)])
     lo = z - c
     ((a,), (b_lo,)), = lookup_many([Request(lo, fine, lo)])
-    (e,) = mul_many([(ec, a + b_lo)])  # @2^52
-    (out,) = exact_div_many([(e, 1 << 36)])
+    (e,) = mul_many([(ec, a + b_lo)])
+    return e
+
+
+def _exp(z: torch.Tensor) -> torch.Tensor:
+    """e^z @2^16 for z @2^16 in [−494, 14]: 2 look-up rounds, 1 product, 1 truncation."""
+    (out,) = exact_div_many([(_exp_product(z, _exp_tables()[1]), 1 << 36)])  # @2^52 -> @2^16
     return out
 
 
@@ -218,16 +236,23 @@ def _masked_exp(xs: torch.Tensor, mx: torch.Tensor, m: torch.Tensor | None) -> t
     return e if m is None else e * m
 
 
+_E_FRAC = 44  # scale of the attention's untruncated e (e^c @2^20 × the fine tangent @2^24)
+
+
 def attention(q: Secret, keys: FixedMaskOperand, values: FixedMaskOperand, mask: Public | None = None,
               probs: bool = False) -> tuple[Secret, Secret | None]:
     """``softmax(q·Kᵀ, mask)·V`` (and the probabilities if ``probs``) with the normalisation moved after
     the value product: q (…, S, D) @2^16, K, V (…, T, D) fixed-mask operands, mask (S, T) or None.
 
     Rounds: q·Kᵀ (1, left at 2^32); its truncation shares a round with the max tree's first level
-    (relu looked up on the untruncated differences); the rest of the tree; exp (4); e·V shares a round
-    with the reciprocal's look-up and e·V's truncation with its residual products; the selection; y's
-    truncation; (e·V)·y (with e·y for ``probs``); a truncation: ⌈log2 T⌉ + 11 rounds for T ≤ 2^11
-    (+1 above), vs ⌈log2 T⌉ + 14 for ``softmax`` then two matmuls.
+    (relu looked up on the untruncated differences); the rest of the tree; exp's look-ups and product
+    (3, e left at 2^44); e's truncation shares a round with the reciprocal's look-up, which reads the
+    untruncated row sum Σe @2^44 (range ``recip_range``: needs its top + 44 ≤ 62, i.e. T ≤ 5,080;
+    beyond, the sum of the truncated e is looked up a round later); e·V shares a round with the
+    reciprocal's residual products; the selection; the truncations of y and e·V; (e·V)·y (with e·y for
+    ``probs``); a truncation: ⌈log2 T⌉ + 10 rounds for T ≤ 2^11, + 1 for a 4th reciprocal level
+    (2^11 < T ≤ 2^13) + 1 for the later look-up (T > 5,080); vs ⌈log2 T⌉ + 14 for ``softmax`` then two
+    matmuls. Error: as ``softmax``, plus ≤ 2^−14 absolute in e from the fine table's 2^−8 slope.
     """
     raw = fixed_matmul_raw(q, keys, transpose_w=True)  # (…, S, T) @2^32
     m = _keep_mask(mask, raw.shape, -1, raw.device)
@@ -243,10 +268,19 @@ def attention(q: Secret, keys: FixedMaskOperand, values: FixedMaskOperand, mask:
                                        lookup_step([Request(raw[..., :half] - raw[..., half:2 * half],
                                                             _relu_table(2 * F))]))
         mx = _tree_max(torch.cat([xs[..., half:2 * half] + r, xs[..., 2 * half:]], dim=-1))
-    e = _masked_exp(xs, mx, m)
-    ev, state = together(matmul_step(e, values), _wide_step(e.sum(-1, keepdim=True), "recip", *recip_range(n)))
-    y, ((ev,),) = _wide_select(state, [trunc_step([(ev, 1 << F)])])
-    (y,) = exact_div_many([(y, 1 << 20)])  # @2^32
+    lo, hi = recip_range(n)
+    if hi + _E_FRAC <= 62:
+        e = _exp_product(xs - mx, _exp_fine_24())  # @2^44
+        if m is not None:
+            e = e * m
+        (e,), state = together(trunc_step([(e, 1 << (_E_FRAC - F))]),
+                               _wide_step(e.sum(-1, keepdim=True), "recip", lo, hi, in_frac=_E_FRAC))
+        y, (ev,) = _wide_select(state, [matmul_step(e, values)])
+    else:
+        e = _masked_exp(xs, mx, m)
+        ev, state = together(matmul_step(e, values), _wide_step(e.sum(-1, keepdim=True), "recip", lo, hi))
+        y, _ = _wide_select(state)
+    y, ev = exact_div_many([(y, 1 << 20), (ev, 1 << F)])  # y @2^32, e·V @2^16
     products = mul_many([(ev, y)] + ([(e, y)] if probs else []))  # @2^48
     outs = exact_div_many([(t, 1 << 32) for t in products])
     return to_secret(outs[0]), (to_secret(outs[1]) if probs else None)
@@ -365,13 +399,16 @@ def sum_range(e: int) -> tuple[int, int]:
     return math.floor(lo + math.log2(e)), min(30, math.ceil(hi + math.log2(e)))
 
 
-def _normalise_weighted(x: torch.Tensor, w: torch.Tensor | None, eps: float, w_secret: bool) -> torch.Tensor:
+def _normalise_weighted(x: torch.Tensor, w: torch.Tensor | None, eps: float, w_secret: bool,
+                        sq: torch.Tensor | None = None) -> torch.Tensor:
     """(x·w)/√(mean(x²) + eps) @2^16 for x @2^16 (rows over the last dim) and w @2^16; w None (a norm
     folded into the next matrix): x/√(mean(x²) + eps) = √E·x/√(Σx² + E·eps), the sum read by the
-    look-up at 2^32 as it comes out of the squares (no truncation round)."""
+    look-up at 2^32 as it comes out of the squares (no truncation round), or straight from [x²] @2^32
+    when the caller has it (``sq``: no squaring round either)."""
     e = x.shape[-1]
     if w is None:
-        (sq,) = mul_many([(x, x)])  # @2^32
+        if sq is None:
+            (sq,) = mul_many([(x, x)])  # @2^32
         v = add_public(sq.sum(-1, keepdim=True), round(e * eps * 2**(2 * F)))
         (state,) = together(_wide_step(v, "rsqrt", *sum_range(e), in_frac=2 * F, gain=math.sqrt(e)))
         return _scale_by_levels(state, x)
@@ -425,6 +462,12 @@ def rms_norm(x: Secret, weight: Secret | Public | None, eps: float) -> Secret:
     """``[x / √(mean(x²) + eps) · w]`` over the last dim: 7 rounds, 6 without w (module docstring)."""
     w, secret = _weight_share(x, weight)
     return to_secret(_normalise_weighted(share_of(x), w, eps, secret))
+
+
+def rms_norm_of_squares(x: Secret, sq: torch.Tensor, eps: float) -> Secret:
+    """``[x / √(mean(x²) + eps)]`` given this party's share of [x²] @2^32 (e.g. from
+    ``protocols.truncation.trunc_step(square=True)``): 5 rounds (the look-up, 4 selection)."""
+    return to_secret(_normalise_weighted(share_of(x), None, eps, False, sq))
 
 
 def layer_norm(x: Secret, weight: Secret | Public | None, bias: Secret | Public | None, eps: float) -> Secret:

@@ -84,8 +84,8 @@ def payload_sizes(desc: Desc) -> list[tuple[int, ...]]:
         return [_out_size(desc)]
     if kind in ("square", "B2A"):
         return [tuple(desc[1])]
-    if kind == "trunc":
-        return [tuple(desc[1])] * 2
+    if kind in ("trunc", "trunc_sq"):
+        return [tuple(desc[1])] * (2 if kind == "trunc" else 4)
     if kind == "lut":
         return [(*desc[1], 1 << desc[3])] * (2 if desc[4] else 1)
     return []  # fm_mask, fm_select: state only
@@ -113,8 +113,8 @@ def draw(desc: Desc, gen: torch.Generator, party1: bool, device) -> list[torch.T
         return [ring(desc[1])] + ([ring(desc[1])] if party1 else [])
     if kind == "B2A":
         return [kbit(desc[1], 1)] + ([ring(desc[1])] if party1 else [])
-    if kind == "trunc":
-        return [ring(desc[1])] + ([ring(desc[1]), ring(desc[1])] if party1 else [])
+    if kind in ("trunc", "trunc_sq"):  # r own; party 1 also (q, m) or (q, m, q², q·m)
+        return [ring(desc[1])] + ([ring(desc[1]) for _ in range(2 if kind == "trunc" else 4)] if party1 else [])
     if kind == "lut":  # (r, β) own; party 1 also (o, o·β)
         _, size, _, bits, mult, _ = desc
         n = 2 if mult else 1
@@ -391,10 +391,10 @@ class TapeProvider(TupleProvider, FixedMaskProvider):
             self.released.append(key)
 
     # -- truncation pairs (protocols.truncation)
-    def trunc(self, size, d, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def trunc(self, size, d, device=None, square: bool = False) -> tuple[torch.Tensor, ...]:
+        """(r, ⌊r_u/d⌋, msb(r)) shares, and (q², q·m) with ``square`` (``protocols.truncation``)."""
         dd = d if isinstance(d, int) else (tuple(d.shape), tuple(d.reshape(-1).tolist()))
-        r, q, m = self._correlate(("trunc", tuple(size), dd, _dtype(device)), device)
-        return r, q, m
+        return tuple(self._correlate(("trunc_sq" if square else "trunc", tuple(size), dd, _dtype(device)), device))
 
     # -- look-up one-hots (protocols.lut)
     def lut(self, size, shift, bits, mult, device=None) -> tuple[torch.Tensor, ...]:
@@ -540,10 +540,12 @@ class TapeDealer:
             return [r * r - p1[1]]
         if kind == "B2A":
             return [(p0[0] ^ p1[0]) - p1[1]]
-        if kind == "trunc":
+        if kind in ("trunc", "trunc_sq"):
             r, d = p0[0] + p1[0], desc[2]
             dd = d if isinstance(d, int) else torch.tensor(d[1], device=dev).reshape(d[0])
-            return [udiv(r, dd) - p1[1], (r < 0).long() - p1[2]]
+            q, m = udiv(r, dd), (r < 0).long()
+            parts = [q, m] + ([q * q, q * m] if kind == "trunc_sq" else [])
+            return [t - s for t, s in zip(parts, p1[1:])]
         if kind == "lut":
             _, _, shift, bits, mult, _ = desc
             r = p0[0] + p1[0]

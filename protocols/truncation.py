@@ -17,8 +17,14 @@ Online, for [x] with |x| < 2^62:
        e ∈ {−1, 0, 1} (the three remainders), and [⌊x/d⌋] = ⌊c_u/d⌋ − [q_r] + Q·[w] − ⌊2^62/d⌋.
 Error: |result − x/d| < 2 for every |x| < 2^62 (< 1 ulp + floor when d is a power of two, ρ_Q = 0);
 never a large error. Cost per call: 1 round, ``16·n`` logged bytes per party (the opening), plus
-the correlation: 3·n elements made by party 0 (TFP, no messages) or by the dealer (``protocols.tape``:
-party 0's 2·n elements in the step's tape; party 1 draws all of its shares from seeds).
+the correlation: 3·n elements (5·n with the square) made by party 0 (TFP, no messages) or by the dealer
+(``protocols.tape``: party 0's 2·n (4·n) elements in the step's tape; party 1 draws all of its shares
+from seeds).
+Squares (``trunc_step(..., square=True)``): with x = ⌊c_u/d⌋ − ⌊2^62/d⌋ =: p (public), [x] = p − [q_r] +
+    Q·nw·[m_r] (nw = 1 − msb(c) public, w = nw·m_r ∈ {0, 1} so w² = w), hence
+    [x²] = p² − 2p·[q_r] + [q_r²] + 2Q·nw·(p·[m_r] − [q_r·m_r]) + Q²·nw·[m_r]: local, from two more
+    correlated elements per input (q_r², q_r·m_r). It is the square of the computed ⌊x/d⌋ exactly (a
+    ring identity), so a norm after a residual truncation needs no squaring round.
 Public: shapes, d, c (uniform). ``ProtocolConfig.truncation = "local"`` keeps CrypTen's local
 truncation (0 rounds, the hazard above) for comparison.
 """
@@ -86,21 +92,23 @@ def _wrap_constant(d: int | torch.Tensor) -> int | torch.Tensor:
     return udiv(torch.full_like(d, -1), d)
 
 
-def correlation(size: torch.Size, d: int | torch.Tensor,
-                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This party's shares of (r, ⌊r_u/d⌋, msb(r)) from the provider the parties run with."""
+def correlation(size: torch.Size, d: int | torch.Tensor, device: torch.device | None = None,
+                square: bool = False) -> tuple[torch.Tensor, ...]:
+    """This party's shares of (r, ⌊r_u/d⌋, msb(r)), and with ``square`` of (q_r², q_r·m_r), from the
+    provider the parties run with."""
     provider = fixed_mask_provider()
     rank = comm.get().get_rank()
     if isinstance(provider, TrustedFirstPartyMasks):  # party 0 draws r: NOT secure against party 0
         if rank == 0:
             r = plain(generate_random_ring_element(tuple(size), device=device))
-            parts = (r, udiv(r, d), (r < 0).long())
+            q, m = udiv(r, d), (r < 0).long()
+            parts = (r, q, m) + ((q * q, q * m) if square else ())
         else:
-            parts = (torch.zeros(size, dtype=torch.long, device=device),) * 3
+            parts = (torch.zeros(size, dtype=torch.long, device=device),) * (5 if square else 3)
         return tuple(ArithmeticSharedTensor(p, precision=0, src=0).share for p in parts)
     from protocols.tape import TapeProvider
     if isinstance(provider, TapeProvider):
-        return provider.trunc(size, d, device)
+        return provider.trunc(size, d, device, square=square)
     raise NotImplementedError(f"no truncation correlation for {type(provider).__name__}")
 
 
@@ -116,27 +124,40 @@ def exact_div_many(items: list[tuple[torch.Tensor, int | torch.Tensor]]) -> list
     return together(trunc_step(items))[0]
 
 
-def trunc_step(items: list[tuple[torch.Tensor, int | torch.Tensor]]):
-    """``exact_div_many`` as a ``protocols.rounds.Pending`` step (to share a round with others)."""
+def trunc_step(items: list[tuple[torch.Tensor, int | torch.Tensor]], square: bool = False):
+    """``exact_div_many`` as a ``protocols.rounds.Pending`` step (to share a round with others).
+
+    ``square``: each result is the pair (⌊x/d⌋, ⌊x/d⌋²) (int d), the square at no extra round
+    (module docstring, "Squares")."""
     from protocols.rounds import Pending
     rank = comm.get().get_rank()
     prepared = []
     for share, d in items:
         _check_divisor(d)
+        if square and not isinstance(d, int):
+            raise ValueError("a truncation with its square needs an int divisor")
         if not isinstance(d, int):
             d = d.to(device=share.device, dtype=torch.long)
-        r, q, m = (plain(t) for t in correlation(share.size(), d, device=share.device))
-        prepared.append((share + r + (_OFFSET if rank == 0 else 0), d, q, m))
+        r, *corr = (plain(t) for t in correlation(share.size(), d, device=share.device, square=square))
+        prepared.append((share + r + (_OFFSET if rank == 0 else 0), d, corr))
 
-    def finish(opened: list[torch.Tensor]) -> list[torch.Tensor]:
+    def finish(opened: list[torch.Tensor]) -> list:
         out = []
-        for c, (_, d, q, m) in zip(opened, prepared):
-            not_wrapped = (c >= 0).long()  # 1 − msb(c)
-            share = _wrap_constant(d) * not_wrapped * m - q
+        for c, (_, d, corr) in zip(opened, prepared):
+            q, m = corr[:2]
+            nw = (c >= 0).long()  # 1 − msb(c): the sum wrapped iff m_r = 1 and nw = 1
+            big = _wrap_constant(d)
+            p = udiv(c, d) - torch.div(torch.as_tensor(_OFFSET, device=c.device), d, rounding_mode="floor")
+            share = big * nw * m - q
             if rank == 0:
-                share = share + udiv(c, d) - torch.div(torch.as_tensor(_OFFSET, device=c.device), d,
-                                                        rounding_mode="floor")
-            out.append(share)
+                share = share + p
+            if not square:
+                out.append(share)
+                continue
+            q2, qm = corr[2:]
+            # (p − q + Q·w)² with w = nw·m ∈ {0, 1}: p² − 2p·q + q² + 2Q·nw·(p·m − q·m) + Q²·nw·m
+            sq = q2 - 2 * p * q + _signed(2 * big) * nw * (p * m - qm) + _signed(big * big) * nw * m
+            out.append((share, sq + p * p if rank == 0 else sq))
         return out
 
     return Pending([p[0] for p in prepared], finish)

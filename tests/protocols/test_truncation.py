@@ -83,3 +83,33 @@ def _divide(seed: int) -> list[list[float]]:
 def test_exact_division_by_any_public_integer(seed):
     worst = run_on("TFP", _divide, seed, timeout=120)[0]
     assert max(w[0] for w in worst) <= 2, f"seed {seed}: {worst}"
+
+
+def _square_job(seed: int) -> dict:
+    """``trunc_step(square=True)``: ⌊x/d⌋ and its square from one opening."""
+    from protocols.compat import comm, crypten
+    from protocols.rounds import open_many, share_of, together
+    from protocols.truncation import trunc_step
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for d in (1 << 16, 576, 3):
+        x = ((torch.rand(50_000, generator=gen, dtype=torch.float64) * 2 - 1) * 2**47).round().long()
+        xs = crypten.cryptensor(x.double(), src=0, precision=0)
+        comm.get().reset_communication_stats()
+        ((t, sq),) = together(trunc_step([(share_of(xs), d)], square=True))[0]
+        stats = dict(comm.get().get_communication_stats())
+        got_t, got_sq = open_many([t, sq])
+        ref = torch.div(x, d, rounding_mode="floor")
+        out[d] = {"t_err": int((got_t - ref).abs().max()), "sq_exact": bool((got_sq == got_t * got_t).all()),
+                  "rounds": stats["rounds"], "bytes": stats["bytes"], "n": x.numel()}
+    return out
+
+
+@pytest.mark.parametrize("provider_name", ["TFP", "dealer"])
+def test_truncation_with_its_square_in_one_round(provider_name, seed):
+    """The square of the truncated value comes out of the truncation's own opening (no product round):
+    the computed ⌊x/d⌋ within 2 of the floor, its square exact in the ring, 1 round, 16·n bytes."""
+    for d, r in run_on(provider_name, _square_job, seed, timeout=300)[0].items():
+        assert r["t_err"] <= 2 and r["sq_exact"], (seed, d, r)
+        assert r["rounds"] == 1 and r["bytes"] == 16 * r["n"], (d, r)
