@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -55,7 +55,7 @@ from protocols.compat import MPCTensor
 from protocols.lut import Request, Table, encode, grid, lookup_many, lookup_step, table
 from protocols.fixed_mask import FixedMaskOperand, fixed_matmul_raw, matmul_step
 from protocols.rounds import Pending, add_public, mul_many, mul_step, share_of, to_secret, together
-from protocols.truncation import exact_div_many, trunc_step
+from protocols.truncation import exact_div_many, trunc_mul_step, trunc_step
 from protocols.types import Public, Secret
 
 F = 16  # fraction bits of CrypTen's encoding (ProtocolConfig.precision_bits must be 16 here)
@@ -249,10 +249,11 @@ def attention(q: Secret, keys: FixedMaskOperand, values: FixedMaskOperand, mask:
     (3, e left at 2^44); e's truncation shares a round with the reciprocal's look-up, which reads the
     untruncated row sum Σe @2^44 (range ``recip_range``: needs its top + 44 ≤ 62, i.e. T ≤ 5,080;
     beyond, the sum of the truncated e is looked up a round later); e·V shares a round with the
-    reciprocal's residual products; the selection; the truncations of y and e·V; (e·V)·y (with e·y for
-    ``probs``); a truncation: ⌈log2 T⌉ + 10 rounds for T ≤ 2^11, + 1 for a 4th reciprocal level
-    (2^11 < T ≤ 2^13) + 1 for the later look-up (T > 5,080); vs ⌈log2 T⌉ + 14 for ``softmax`` then two
-    matmuls. Error: as ``softmax``, plus ≤ 2^−14 absolute in e from the fine table's 2^−8 slope.
+    reciprocal's residual products; the selection, with e·V's truncation in its last round; y's
+    truncation with (e·V)·y (and e·y for ``probs``) in its round (``trunc_mul_step``); a truncation:
+    ⌈log2 T⌉ + 9 rounds for T ≤ 2^11 (T ≤ 4: one reciprocal level, e·V's truncation takes the round
+    the selection would), + 1 for a 4th reciprocal level (2^11 < T ≤ 2^13) + 1 for the later look-up (T > 5,080); vs
+    ⌈log2 T⌉ + 14 for ``softmax`` then two matmuls. Error: as ``softmax``, plus ≤ 2^−14 absolute in e from the fine table's 2^−8 slope.
     """
     raw = fixed_matmul_raw(q, keys, transpose_w=True)  # (…, S, T) @2^32
     m = _keep_mask(mask, raw.shape, -1, raw.device)
@@ -275,14 +276,15 @@ def attention(q: Secret, keys: FixedMaskOperand, values: FixedMaskOperand, mask:
             e = e * m
         (e,), state = together(trunc_step([(e, 1 << (_E_FRAC - F))]),
                                _wide_step(e.sum(-1, keepdim=True), "recip", lo, hi, in_frac=_E_FRAC))
-        y, (ev,) = _wide_select(state, [matmul_step(e, values)])
+        y, _, ((ev,),) = _wide_select(state, [matmul_step(e, values)],
+                                      then=lambda side: [trunc_step([(side[0], 1 << F)])])
     else:
         e = _masked_exp(xs, mx, m)
         ev, state = together(matmul_step(e, values), _wide_step(e.sum(-1, keepdim=True), "recip", lo, hi))
-        y, _ = _wide_select(state)
-    y, ev = exact_div_many([(y, 1 << 20), (ev, 1 << F)])  # y @2^32, e·V @2^16
-    products = mul_many([(ev, y)] + ([(e, y)] if probs else []))  # @2^48
-    outs = exact_div_many([(t, 1 << 32) for t in products])
+        y, ((ev,),), _ = _wide_select(state, [trunc_step([(ev, 1 << F)])])
+    # y's truncation (@2^52 -> @2^32) with the products (e·V)·y (and e·y) in its round, then theirs
+    fused = together(*[trunc_mul_step(y, 1 << 20, t) for t in [ev] + ([e] if probs else [])])
+    outs = exact_div_many([(prod, 1 << 32) for _, prod in fused])  # @2^48 -> @2^16
     return to_secret(outs[0]), (to_secret(outs[1]) if probs else None)
 
 
@@ -352,9 +354,11 @@ def _wide_step(v: torch.Tensor, kind: str, lo: int, hi: int, in_frac: int = F, g
     return Pending(step.opens, lambda opened: (v, levels, step.finish(opened)))
 
 
-def _wide_select(state, side: Sequence[Pending] = ()) -> tuple[torch.Tensor, list]:
+def _wide_select(state, side: Sequence[Pending] = (),
+                 then: Callable[[list], Sequence[Pending]] | None = None) -> tuple[torch.Tensor, list, list]:
     """The residual products and the level selection (``wide_rounds`` − 1 rounds); the ``side`` steps
-    share the first of those rounds. Returns (f(v) @2^52, the side steps' results)."""
+    share the first of those rounds, the steps ``then(side results)`` the last (a round of their own
+    when there is only one, G = 1). Returns (f(v) @2^52, the side steps' results, the then steps')."""
     v, levels, outs = state
     pairs, bits = [], []
     for (_, t), ((_, slope, c, bit), _) in zip(levels, outs):
@@ -363,6 +367,8 @@ def _wide_select(state, side: Sequence[Pending] = ()) -> tuple[torch.Tensor, lis
     g_max = len(levels) - 1
     extend = g_max >= 2
     got, *side_out = together(mul_step(pairs + ([(bits[0], bits[1])] if extend else [])), *side)
+    late = list(then(side_out)) if then is not None else []
+    late_out: list = []
     ys = [fc + p for ((fc, *_), _), p in zip(outs, got)]
     prefix = {1: bits[0]} if g_max >= 1 else {}
     if extend:
@@ -372,13 +378,20 @@ def _wide_select(state, side: Sequence[Pending] = ()) -> tuple[torch.Tensor, lis
         todo = [g for g in sorted(prefix) if g not in applied]
         k = max(prefix)
         grow = k + 1 <= g_max
-        got = mul_many([(prefix[g], ys[g] - ys[g - 1]) for g in todo] + ([(prefix[k], bits[k])] if grow else []))
+        step = mul_step([(prefix[g], ys[g] - ys[g - 1]) for g in todo] + ([(prefix[k], bits[k])] if grow else []))
+        if len(applied) + len(todo) == g_max:  # the last round
+            got, *late_out = together(step, *late)
+            late = []
+        else:
+            (got,) = together(step)
         for g, p in zip(todo, got):
             acc = acc + p
             applied.add(g)
         if grow:
             prefix[k + 1] = got[-1]
-    return acc, side_out
+    if late:
+        late_out = together(*late)
+    return acc, side_out, late_out
 
 
 def _local_trunc(share: torch.Tensor, t: int) -> torch.Tensor:

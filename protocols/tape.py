@@ -68,7 +68,7 @@ def _out_size(desc: Desc) -> tuple[int, ...]:
     if kind == "additive":
         _, s0, s1, op, args, kwargs, _ = desc
         return tuple(getattr(torch, op)(_meta(s0), _meta(s1), *args, **dict(kwargs)).shape)
-    if kind == "binary":
+    if kind in ("binary", "trunc_mul"):
         return tuple(torch.broadcast_shapes(desc[1], desc[2]))
     if kind == "fm_pair":
         _, _, sa, sb, transpose, _ = desc
@@ -86,6 +86,8 @@ def payload_sizes(desc: Desc) -> list[tuple[int, ...]]:
         return [tuple(desc[1])]
     if kind in ("trunc", "trunc_sq"):
         return [tuple(desc[1])] * (2 if kind == "trunc" else 4)
+    if kind == "trunc_mul":  # q, m of z; q·b, m·b of the product
+        return [tuple(desc[1])] * 2 + [_out_size(desc)] * 2
     if kind == "lut":
         return [(*desc[1], 1 << desc[3])] * (2 if desc[4] else 1)
     return []  # fm_mask, fm_select: state only
@@ -115,6 +117,9 @@ def draw(desc: Desc, gen: torch.Generator, party1: bool, device) -> list[torch.T
         return [kbit(desc[1], 1)] + ([ring(desc[1])] if party1 else [])
     if kind in ("trunc", "trunc_sq"):  # r own; party 1 also (q, m) or (q, m, q², q·m)
         return [ring(desc[1])] + ([ring(desc[1]) for _ in range(2 if kind == "trunc" else 4)] if party1 else [])
+    if kind == "trunc_mul":  # (r, b) own; party 1 also (q, m, q·b, m·b)
+        out = _out_size(desc)
+        return [ring(desc[1]), ring(desc[2])] + ([ring(desc[1]), ring(desc[1]), ring(out), ring(out)] if party1 else [])
     if kind == "lut":  # (r, β) own; party 1 also (o, o·β)
         _, size, _, bits, mult, _ = desc
         n = 2 if mult else 1
@@ -396,6 +401,11 @@ class TapeProvider(TupleProvider, FixedMaskProvider):
         dd = d if isinstance(d, int) else (tuple(d.shape), tuple(d.reshape(-1).tolist()))
         return tuple(self._correlate(("trunc_sq" if square else "trunc", tuple(size), dd, _dtype(device)), device))
 
+    def trunc_mul(self, size_z, size_y, d: int, device=None) -> tuple[torch.Tensor, ...]:
+        """(r, b, ⌊r_u/d⌋, msb(r), q·b, m·b) shares for a truncation fused with a product
+        (``protocols.truncation.trunc_mul_step``)."""
+        return tuple(self._correlate(("trunc_mul", tuple(size_z), tuple(size_y), int(d), _dtype(device)), device))
+
     # -- look-up one-hots (protocols.lut)
     def lut(self, size, shift, bits, mult, device=None) -> tuple[torch.Tensor, ...]:
         """(r, o) or (r, o, β, o·β) shares for a look-up of ``size`` inputs (``protocols.lut``)."""
@@ -546,6 +556,10 @@ class TapeDealer:
             q, m = udiv(r, dd), (r < 0).long()
             parts = [q, m] + ([q * q, q * m] if kind == "trunc_sq" else [])
             return [t - s for t, s in zip(parts, p1[1:])]
+        if kind == "trunc_mul":
+            r, b = p0[0] + p1[0], p0[1] + p1[1]
+            q, m = udiv(r, desc[3]), (r < 0).long()
+            return [t - s for t, s in zip([q, m, q * b, m * b], p1[2:])]
         if kind == "lut":
             _, _, shift, bits, mult, _ = desc
             r = p0[0] + p1[0]

@@ -25,6 +25,10 @@ Squares (``trunc_step(..., square=True)``): with x = ⌊c_u/d⌋ − ⌊2^62/d�
     [x²] = p² − 2p·[q_r] + [q_r²] + 2Q·nw·(p·[m_r] − [q_r·m_r]) + Q²·nw·[m_r]: local, from two more
     correlated elements per input (q_r², q_r·m_r). It is the square of the computed ⌊x/d⌋ exactly (a
     ring identity), so a norm after a residual truncation needs no squaring round.
+Products (``trunc_mul_step``): the same opening of c with the Beaver opening ε = y − b of a partner
+    [y] gives [⌊x/d⌋·y] = (p + Q·nw·[m_r] − [q_r])·ε + p·[b] − [q_r·b] + Q·nw·[m_r·b], so a product whose
+    operand is a truncation's result needs no round of its own (correlation: r, b, q_r, m_r, q_r·b,
+    m_r·b; the product shape's two in the tape).
 Public: shapes, d, c (uniform). ``ProtocolConfig.truncation = "local"`` keeps CrypTen's local
 truncation (0 rounds, the hazard above) for comparison.
 """
@@ -112,6 +116,27 @@ def correlation(size: torch.Size, d: int | torch.Tensor, device: torch.device | 
     raise NotImplementedError(f"no truncation correlation for {type(provider).__name__}")
 
 
+def mul_correlation(size_z: torch.Size, size_y: torch.Size, d: int,
+                    device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
+    """This party's shares of (r, b, ⌊r_u/d⌋, msb(r), q_r·b, m_r·b) (``trunc_mul_step``)."""
+    provider = fixed_mask_provider()
+    if isinstance(provider, TrustedFirstPartyMasks):  # party 0 draws r, b: NOT secure against party 0
+        out = torch.broadcast_shapes(size_z, size_y)
+        if comm.get().get_rank() == 0:
+            r = plain(generate_random_ring_element(tuple(size_z), device=device))
+            b = plain(generate_random_ring_element(tuple(size_y), device=device))
+            q, m = udiv(r, d), (r < 0).long()
+            parts = (r, b, q, m, q * b, m * b)
+        else:
+            parts = tuple(torch.zeros(s, dtype=torch.long, device=device)
+                          for s in (size_z, size_y, size_z, size_z, out, out))
+        return tuple(ArithmeticSharedTensor(p, precision=0, src=0).share for p in parts)
+    from protocols.tape import TapeProvider
+    if isinstance(provider, TapeProvider):
+        return provider.trunc_mul(size_z, size_y, d, device)
+    raise NotImplementedError(f"no truncation correlation for {type(provider).__name__}")
+
+
 def exact_div_(x: ArithmeticSharedTensor, d: int | torch.Tensor) -> ArithmeticSharedTensor:
     """``[x] ← [⌊x/d⌋]`` in place, for |x| < 2^62 and public 1 ≤ d < 2^31 (see module docstring)."""
     (x.share,) = (wrap(t) for t in exact_div_many([(plain(x.share), d)]))
@@ -161,6 +186,32 @@ def trunc_step(items: list[tuple[torch.Tensor, int | torch.Tensor]], square: boo
         return out
 
     return Pending([p[0] for p in prepared], finish)
+
+
+def trunc_mul_step(z: torch.Tensor, d: int, y: torch.Tensor):
+    """⌊z/d⌋·y in the truncation's own round, as a ``protocols.rounds.Pending`` (module docstring,
+    "Products"): opens c = z + 2^62 + r and ε = y − b; the finish gives (⌊z/d⌋, ⌊z/d⌋·y) shares
+    (shapes broadcast; the product at the sum of the two scales, untruncated)."""
+    from protocols.rounds import Pending
+    _check_divisor(d)
+    if not isinstance(d, int):
+        raise ValueError("a truncation fused with a product needs an int divisor")
+    rank = comm.get().get_rank()
+    r, b, q, m, qb, mb = (plain(t) for t in mul_correlation(z.size(), y.size(), d, device=z.device))
+    big = _wrap_constant(d)
+
+    def finish(opened: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        c, eps = opened
+        nw = (c >= 0).long()
+        p = udiv(c, d) - torch.div(torch.as_tensor(_OFFSET, device=c.device), d, rounding_mode="floor")
+        x = big * nw * m - q  # + p on party 0
+        # (p − q + Q·nw·m)·(ε + b) = p·ε + (Q·nw·m − q)·ε + p·b − q·b + Q·nw·m·b
+        xy = x * eps + p * b - qb + big * nw * mb
+        if rank == 0:
+            return x + p, xy + p * eps
+        return x, xy
+
+    return Pending([z + r + (_OFFSET if rank == 0 else 0), y - b], finish)
 
 
 def local_div_(x: ArithmeticSharedTensor, d: int | torch.Tensor) -> ArithmeticSharedTensor:

@@ -113,3 +113,35 @@ def test_truncation_with_its_square_in_one_round(provider_name, seed):
     for d, r in run_on(provider_name, _square_job, seed, timeout=300)[0].items():
         assert r["t_err"] <= 2 and r["sq_exact"], (seed, d, r)
         assert r["rounds"] == 1 and r["bytes"] == 16 * r["n"], (d, r)
+
+
+def _mul_job(seed: int) -> dict:
+    """``trunc_mul_step``: ⌊z/d⌋ and ⌊z/d⌋·y (broadcast) from one round."""
+    from protocols.compat import comm, crypten
+    from protocols.rounds import open_many, share_of, together
+    from protocols.truncation import trunc_mul_step
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for d, zs, ys in ((1 << 20, (64, 1), (64, 33)), (7, (500,), (500,)), (1 << 36, (3, 5, 1), (1, 5, 9))):
+        z = ((torch.rand(zs, generator=gen, dtype=torch.float64) * 2 - 1) * 2**52).round().long()
+        y = ((torch.rand(ys, generator=gen, dtype=torch.float64) * 2 - 1) * 2**20).round().long()
+        zsh = crypten.cryptensor(z.double(), src=0, precision=0)
+        ysh = crypten.cryptensor(y.double(), src=1, precision=0)
+        comm.get().reset_communication_stats()
+        ((t, ty),) = together(trunc_mul_step(share_of(zsh), d, share_of(ysh)))
+        stats = dict(comm.get().get_communication_stats())
+        got_t, got_ty = open_many([t, ty])
+        out[d] = {"t_err": int((got_t - torch.div(z, d, rounding_mode="floor")).abs().max()),
+                  "prod_exact": bool((got_ty == got_t * y).all()), "rounds": stats["rounds"],
+                  "bytes": stats["bytes"], "n": z.numel() + y.numel()}
+    return out
+
+
+@pytest.mark.parametrize("provider_name", ["TFP", "dealer"])
+def test_truncation_fused_with_a_product_in_one_round(provider_name, seed):
+    """A product whose operand is a truncation's result, in the truncation's round: ⌊z/d⌋ within 2,
+    the product exactly ⌊z/d⌋·y in the ring, 1 round, 16·(|z| + |y|) bytes."""
+    for d, r in run_on(provider_name, _mul_job, seed, timeout=300)[0].items():
+        assert r["t_err"] <= 2 and r["prod_exact"], (seed, d, r)
+        assert r["rounds"] == 1 and r["bytes"] == 16 * r["n"], (d, r)
