@@ -22,7 +22,7 @@ from protocols.cost import Meter
 from protocols import lut_argmax
 from protocols.config import active_config
 from protocols.fixed_mask import FixedMaskOperand, StockOperand, fixed_matmul, fixed_matmul_raw
-from protocols.lut_nonlinear import rms_norm_of_squares
+from protocols.lut_nonlinear import rms_norm_of_squares, silu_mul_raw
 from protocols.nonlinear import gelu_tanh, layer_norm, rms_norm, silu_mul
 from protocols.rounds import share_of, to_secret, together
 from protocols.truncation import exact_div_many, trunc_step
@@ -252,13 +252,16 @@ class SecureMLP:
         self.w_in, self.b_in, self.w_out, self.b_out = w_in, b_in, w_out, b_out
 
     def __call__(self, x: Secret, raw: bool = False) -> Secret | torch.Tensor:
-        """``raw``: the down projection's untruncated share (``_linear_raw``) for ``residual_add``."""
+        """``raw`` (the fused Llama block): silu(gate)·up straight from the untruncated projection
+        (``silu_mul_raw``) and the down projection's untruncated share (``_linear_raw``) for
+        ``residual_add``."""
         F = self.args.hidden_dim
         with self.meter.stage("mlp"):
+            if raw:
+                g = _linear_raw(x, self.w_in, self.b_in)  # (B, S, E) -> (B, S, 2F) @2^32
+                return _linear_raw(silu_mul_raw(g[..., :F], g[..., F:]), self.w_out, self.b_out)
             h = _linear(x, self.w_in, self.b_in)  # (B, S, E) -> (B, S, 2F) llama | (B, S, F) gpt2
             h = silu_mul(h[..., :F], h[..., F:]) if self.args.family == "llama" else gelu_tanh(h)
-            if raw:
-                return _linear_raw(h, self.w_out, self.b_out)
             return _linear(h, self.w_out, self.b_out)  # (B, S, F) -> (B, S, E)
 
 

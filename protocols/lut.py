@@ -15,6 +15,10 @@ Online (1 round): x' = x − low·2^s; open c = (x' + r) mod 2^(s+k) (each party
     [S[i]·w] = ε·[S[i]] + Σ_j [o_j·β]·S[(c_hi − j) mod N]  (local).
 Domain: the look-up is correct when low·2^s ≤ x < (low + N − 1)·2^s; outside it the index wraps
     modulo N (a wrong entry, never an error): every caller states the range it guarantees.
+Truncated multiplier (``Request.div``): the multiplier is ⌊z/d⌋ of a raw share z, truncated in the same
+    round (``protocols.truncation``: open z + 2^62 + r_t instead of w − β); with [⌊z/d⌋] = p − [q] +
+    Q·nw·[m] (p, nw public), [S[i]·⌊z/d⌋] = p·[S[i]] − Σ_j [o_j·q]·S[…] + Q·nw·Σ_j [o_j·m]·S[…]:
+    dealer material o, o·q, o·m (3N per input element) and the truncated value's share comes out too.
 Cost: 1 round (batched with any other openings of the round by ``lookup_many``), 16 logged bytes
     per party per input element (+ 16 per multiplier element; CrypTen logs sent + received); dealer
     material N elements per input element (2N with a multiplier), made by party 0 under TFP or sent
@@ -32,7 +36,7 @@ import torch
 from protocols.compat import comm, crypten
 from protocols.dealer import TrustedFirstPartyMasks, fixed_mask_provider
 from protocols.rounds import Pending, add_public, together
-from protocols.truncation import plain
+from protocols.truncation import opening, plain, truncated, udiv
 
 # CrypTen internals; protocols.compat (imported above) has already made CrypTen importable.
 from crypten.common.rng import generate_random_ring_element
@@ -88,65 +92,83 @@ def table(fns: Sequence[Callable[[torch.Tensor], torch.Tensor]], shift: int, low
 
 
 class OneHots:
-    """This party's shares of the one-hot rows o (and o·β) of a look-up, handed out in row chunks.
+    """This party's shares of the one-hot rows o of a look-up and of the products o·β_k with its
+    multiplier's masks (none; β; or q_r, m_r for a truncated multiplier), handed out in row chunks.
 
-    Under TFP they are made on demand, chunk by chunk (party 0 keeps r and β in plaintext: NOT secure
-    against it), so a look-up over n inputs never holds more than a chunk of its n·N material; under
-    the dealer they are the tape's (or the online answer's) tensors, sliced.
+    Under TFP they are made on demand, chunk by chunk (party 0 keeps r and the β_k in plaintext: NOT
+    secure against it), so a look-up over n inputs never holds more than a chunk of its n·N material;
+    under the dealer they are the tape's (or the online answer's) tensors, sliced.
     """
 
-    def __init__(self, bits: int, shift: int, mult: bool, device=None, r: torch.Tensor | None = None,
-                 beta: torch.Tensor | None = None, rows: tuple[torch.Tensor, ...] | None = None) -> None:
-        self.n, self.shift, self.mult, self.device = 1 << bits, shift, mult, device
-        self.r, self.beta, self.rows = r, beta, rows
+    def __init__(self, bits: int, shift: int, n_prod: int, device=None, r: torch.Tensor | None = None,
+                 betas: Sequence[torch.Tensor] = (), rows: tuple[torch.Tensor, ...] | None = None) -> None:
+        self.n, self.shift, self.n_prod, self.device = 1 << bits, shift, n_prod, device
+        self.r, self.betas, self.rows = r, list(betas), rows
 
-    def chunk(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Shares of o[start:stop] (and o·β[start:stop]) over the flattened inputs, (rows, N) each."""
+    def chunk(self, start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Shares of o[start:stop] and of each o·β_k[start:stop] over the flattened inputs, (rows, N) each."""
         if self.rows is not None:
-            o = self.rows[0].reshape(-1, self.n)[start:stop]
-            return o, (self.rows[1].reshape(-1, self.n)[start:stop] if self.mult else None)
+            o, *prods = (t.reshape(-1, self.n)[start:stop] for t in self.rows)
+            return o, prods
         # TFP: party 1's shares are drawn from the seed it shares with party 0, party 0's are o − that.
         rank = comm.get().get_rank()
         gen = crypten.generators["next" if rank == 0 else "prev"][torch.device(self.device or "cpu")]
         masks = [plain(generate_random_ring_element((stop - start, self.n), generator=gen, device=self.device))
-                 for _ in range(2 if self.mult else 1)]
+                 for _ in range(1 + self.n_prod)]
         if rank == 1:
-            return masks[0], (masks[1] if self.mult else None)
+            return masks[0], masks[1:]
         r = self.r.reshape(-1)[start:stop]
         onehot = torch.nn.functional.one_hot((r & ((self.n << self.shift) - 1)) >> self.shift, self.n).long()
-        o = onehot - masks[0]
-        return o, (onehot * self.beta.reshape(-1)[start:stop].unsqueeze(-1) - masks[1] if self.mult else None)
+        prods = [onehot * beta.reshape(-1)[start:stop].unsqueeze(-1) - mask
+                 for beta, mask in zip(self.betas, masks[1:])]
+        return onehot - masks[0], prods
 
 
-def correlation(size: torch.Size, shift: int, bits: int, mult: bool,
-                device=None) -> tuple[torch.Tensor, torch.Tensor | None, OneHots]:
-    """This party's shares of r (and β with a multiplier) and its ``OneHots``."""
+def correlation(size: torch.Size, shift: int, bits: int, mult: bool, device=None,
+                div: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor], OneHots]:
+    """This party's shares of r, of the multiplier's masks (β; with ``div``: r_t, ⌊r_t/div⌋, msb(r_t)
+    of a truncated multiplier) and its ``OneHots``."""
     provider = fixed_mask_provider()
+    n_prod = 0 if not mult else (2 if div else 1)
     if isinstance(provider, TrustedFirstPartyMasks):  # party 0 draws everything: NOT secure against it
+        n_parts = 1 + (0 if not mult else (3 if div else 1))
         if comm.get().get_rank() == 0:
             r = plain(generate_random_ring_element(tuple(size), device=device))
-            beta = plain(generate_random_ring_element(tuple(size), device=device)) if mult else None
-            parts, onehots = [r] + ([beta] if mult else []), OneHots(bits, shift, mult, device, r, beta)
+            parts = [r]
+            if mult:
+                rm = plain(generate_random_ring_element(tuple(size), device=device))
+                parts += [rm, udiv(rm, div), (rm < 0).long()] if div else [rm]
+            betas = parts[2:] if div else parts[1:]
+            onehots = OneHots(bits, shift, n_prod, device, r, betas)
         else:
-            z = torch.zeros(tuple(size), dtype=torch.long, device=device)
-            parts, onehots = [z] + ([z] if mult else []), OneHots(bits, shift, mult, device)
+            parts = [torch.zeros(tuple(size), dtype=torch.long, device=device)] * n_parts
+            onehots = OneHots(bits, shift, n_prod, device)
         shares = [plain(ArithmeticSharedTensor(p, precision=0, src=0).share) for p in parts]
-        return shares[0], (shares[1] if mult else None), onehots
+        return shares[0], shares[1:], onehots
     from protocols.tape import TapeProvider
     if isinstance(provider, TapeProvider):
+        if div:
+            r, rt, q, m, *rows = provider.lut_tr(size, shift, bits, div, device)
+            return r, [rt, q, m], OneHots(bits, shift, n_prod, device, rows=tuple(rows))
         r, o, *rest = provider.lut(size, shift, bits, mult, device)
         beta, ob = rest if mult else (None, None)
-        return r, beta, OneHots(bits, shift, mult, device, rows=(o, ob))
+        return r, ([beta] if mult else []), OneHots(bits, shift, n_prod, device, rows=(o, ob) if mult else (o,))
     raise NotImplementedError(f"no look-up correlation for {type(provider).__name__}")
 
 
 @dataclass
 class Request:
-    """One look-up: the input share ``x`` (plain int64), its ``table``, an optional multiplier share."""
+    """One look-up: the input share ``x`` (plain int64), its ``table``, an optional multiplier share.
+
+    ``div``: the multiplier is ⌊mult/div⌋ of the raw share ``mult`` (e.g. a product's 2^32 value and
+    div = 2^16), truncated exactly in the look-up's own round (``protocols.truncation``); the result
+    then also carries that truncated multiplier's share.
+    """
 
     x: torch.Tensor
     table: Table
     mult: torch.Tensor | None = None
+    div: int | None = None
 
 
 def _rotated_dot(o: torch.Tensor, c_hi: torch.Tensor, tables: torch.Tensor, first: int | None) -> torch.Tensor:
@@ -180,12 +202,14 @@ def _step_start(tables: torch.Tensor) -> int | None:
     return first
 
 
-def _evaluate(onehots: OneHots, c_hi: torch.Tensor, t: Table, eps: torch.Tensor | None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _evaluate(onehots: OneHots, c_hi: torch.Tensor, t: Table, eps: torch.Tensor | None,
+              coefs: Sequence = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The look-up's value shares (K, *shape) and, with a multiplier, product shares (K2, *shape),
-    one chunk of rows at a time."""
+    one chunk of rows at a time: [S[i]·w] = ε·[S[i]] + Σ_k coef_k·Σ_j [o_j·β_k]·S[(c_hi − j) mod N]
+    (plain multiplier: w = ε + β; truncated: w = p − q_r + Q·nw·m_r, ε = p, coefs (−1, Q·nw))."""
     flat_c = c_hi.reshape(-1)
     flat_e = None if eps is None else eps.reshape(-1)
+    flat_k = [k.reshape(-1) if isinstance(k, torch.Tensor) else k for k in coefs]
     k = t.values.shape[0] + (0 if eps is None else t.slopes.shape[0])
     rows = max(1, _CHUNK // (onehots.n * k))
     step_v = _step_start(t.values)
@@ -193,13 +217,16 @@ def _evaluate(onehots: OneHots, c_hi: torch.Tensor, t: Table, eps: torch.Tensor 
     vals, prods = [], []
     for start in range(0, flat_c.numel(), rows):
         stop = min(start + rows, flat_c.numel())
-        o, ob = onehots.chunk(start, stop)
+        o, obs = onehots.chunk(start, stop)
         c = flat_c[start:stop]
         if t.values.shape[0]:
             vals.append(_rotated_dot(o, c, t.values, step_v))
         if eps is not None:
-            prods.append(_rotated_dot(o, c, t.slopes, step_s) * flat_e[start:stop]
-                         + _rotated_dot(ob, c, t.slopes, step_s))
+            acc = _rotated_dot(o, c, t.slopes, step_s) * flat_e[start:stop]
+            for ob, coef in zip(obs, flat_k):
+                part = _rotated_dot(ob, c, t.slopes, step_s)
+                acc = acc + (part * coef[start:stop] if isinstance(coef, torch.Tensor) else part * coef)
+            prods.append(acc)
     shape = tuple(c_hi.shape)
     values = torch.cat(vals, dim=1).reshape(-1, *shape) if vals else torch.zeros((0, *shape), dtype=torch.long,
                                                                                  device=c_hi.device)
@@ -218,17 +245,25 @@ def lookup_step(requests: Sequence[Request]) -> Pending:
         t = req.table.to(req.x.device)
         modulus = 1 << (t.shift + t.bits)
         x = add_public(req.x, -t.low * (1 << t.shift))
-        r, beta, onehots = correlation(x.size(), t.shift, t.bits, req.mult is not None, device=x.device)
+        r, masks, onehots = correlation(x.size(), t.shift, t.bits, req.mult is not None, device=x.device,
+                                        div=req.div)
         to_open.append((x + r) & (modulus - 1))
         if req.mult is not None:
-            to_open.append(req.mult - beta)
-        prepared.append((req, t, modulus, onehots))
+            to_open.append(opening(req.mult, masks[0]) if req.div else req.mult - masks[0])
+        prepared.append((req, t, modulus, onehots, masks))
 
-    def finish(opened_list: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def finish(opened_list: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
         opened, out = iter(opened_list), []
-        for req, t, modulus, onehots in prepared:
+        for req, t, modulus, onehots, masks in prepared:
             c_hi = (next(opened) & (modulus - 1)) >> t.shift
-            out.append(_evaluate(onehots, c_hi, t, next(opened) if req.mult is not None else None))
+            if req.mult is None:
+                out.append(_evaluate(onehots, c_hi, t, None))
+            elif not req.div:
+                out.append(_evaluate(onehots, c_hi, t, next(opened), (1,)))
+            else:
+                w, p, nw, big = truncated(next(opened), req.div, masks[1], masks[2])
+                values, prods = _evaluate(onehots, c_hi, t, p, (-1, big * nw))
+                out.append((values, prods, w + p if comm.get().get_rank() == 0 else w))
         return out
 
     return Pending(to_open, finish)

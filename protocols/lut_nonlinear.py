@@ -14,7 +14,8 @@ Scales: inputs and outputs at 2^16 (CrypTen's encoding); "@2^k" marks an interme
   Cost 3 rounds. Error ≤ 5e-4 (tangent: max|silu''|·h²/2 = 2.4e-4 plus the slope's rounding for
   |x| < 10; silu ≈ relu beyond, |x|·σ(−|x|) ≤ 4.6e-4). Domain |x| < 62 (beyond, the coarse index wraps).
   ``silu_mul`` (the gated MLP's silu(g)·u): the same look-ups with the product folded into the
-  selection, 4 rounds instead of 3 + 2. ``gelu_tanh`` (GPT-2): the same with GELU's tables (error
+  selection, 4 rounds instead of 3 + 2; ``silu_mul_raw`` from a projection's untruncated output, its
+  truncation riding the look-ups' round (``protocols.lut``, truncated multipliers): 3. ``gelu_tanh`` (GPT-2): the same with GELU's tables (error
   ≤ 4e-4: max|f''|·h²/2 = 3.9e-4).
 * ``softmax``: masked entries take the value of the row's first kept entry (public choice, local),
   so the row max is unchanged; a max tree of m = b + relu(a − b) with relu looked up at step 1/4
@@ -118,13 +119,23 @@ def _relu_like(x: Secret, act: str) -> Secret:
 
 
 @functools.lru_cache(maxsize=None)
-def _silu_table_32() -> Table:
+def _silu_table_32(in_frac: int = F) -> Table:
     """Fine silu for ``silu_mul``: a = silu(c) − b̂·c @2^32 with b̂ = silu'(c) rounded to 2^−16 (the slope
-    column): a + b̂·x = silu(c) + b̂·(x − c), so the slope's rounding only scales the residual |x − c| < 1/32."""
+    column): a + b̂·x = silu(c) + b̂·(x − c), so the slope's rounding only scales the residual |x − c| < 1/32.
+    Indexed by an input @2^in_frac."""
     c = grid(F - 5, -512, 10, F)
     b = encode(_silu_grad(c), 16)
     a = encode(_silu_ref(c) - b.double() / 2**16 * c, 32)
-    return Table(F - 5, -512, a.unsqueeze(0), b.unsqueeze(0))
+    return Table(in_frac - 5, -512, a.unsqueeze(0), b.unsqueeze(0))
+
+
+@functools.lru_cache(maxsize=None)
+def _silu_gates_raw() -> Table:
+    """``silu``'s coarse bits sel = [|x| < 12], far = [x ≥ 12] as slope columns (× the multiplier),
+    indexed by an input @2^32."""
+    c = grid(F + 1, -32, 6, F)
+    gates = torch.stack([(c.abs() < 12).long(), (c >= 12).long()])
+    return Table(2 * F + 1, -32, torch.zeros((0, 64), dtype=torch.long), gates)
 
 
 def silu_mul(x: Secret, u: Secret) -> Secret:
@@ -138,6 +149,21 @@ def silu_mul(x: Secret, u: Secret) -> Secret:
     fu, far_u = mul_many([(a[0] + bx[0], us), (bits[1], us)])  # @2^48, @2^16
     sel_fu, far_ux = mul_many([(bits[0], fu), (far_u, xs)])  # @2^48, @2^32
     (out,) = exact_div_many([(sel_fu + far_ux * (1 << 16), 1 << 32)])
+    return to_secret(out)
+
+
+def silu_mul_raw(g: torch.Tensor, u: torch.Tensor) -> Secret:
+    """``[silu(x)·y]`` @2^16 from the untruncated shares g = x·2^32, u = y·2^32 of a projection, in 3 rounds
+    (``silu_mul``'s 4 + the projection's truncation: 5): the look-ups index g directly, the fine one with
+    the truncated x = ⌊g/2^16⌋ as multiplier (f = a + b̂·x) and the coarse one with the truncated y, giving
+    sel·y and far·y (``Request.div``: both truncations ride the look-ups' round, which also yields x);
+    f·(sel·y) and (far·y)·x; one truncation. Domain as ``silu_mul``; error as ``silu_mul`` on the
+    truncated x, y, i.e. ≤ 5e-4·|y| + 2^−15·(1 + |x|) against the exact inputs (y's truncation is off by
+    < 2 ulps, as the projection's own truncation was)."""
+    (a, bx, x), (_, gates_y, _) = lookup_many([Request(g, _silu_table_32(2 * F), g, div=1 << F),
+                                               Request(g, _silu_gates_raw(), u, div=1 << F)])
+    sel_fy, far_yx = mul_many([(a[0] + bx[0], gates_y[0]), (gates_y[1], x)])  # @2^48, @2^32
+    (out,) = exact_div_many([(sel_fy + far_yx * (1 << 16), 1 << 32)])
     return to_secret(out)
 
 

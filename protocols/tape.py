@@ -90,6 +90,8 @@ def payload_sizes(desc: Desc) -> list[tuple[int, ...]]:
         return [tuple(desc[1])] * 2 + [_out_size(desc)] * 2
     if kind == "lut":
         return [(*desc[1], 1 << desc[3])] * (2 if desc[4] else 1)
+    if kind == "lut_tr":  # q, m of the multiplier; o, o·q, o·m
+        return [tuple(desc[1])] * 2 + [(*desc[1], 1 << desc[3])] * 3
     return []  # fm_mask, fm_select: state only
 
 
@@ -120,6 +122,10 @@ def draw(desc: Desc, gen: torch.Generator, party1: bool, device) -> list[torch.T
     if kind == "trunc_mul":  # (r, b) own; party 1 also (q, m, q·b, m·b)
         out = _out_size(desc)
         return [ring(desc[1]), ring(desc[2])] + ([ring(desc[1]), ring(desc[1]), ring(out), ring(out)] if party1 else [])
+    if kind == "lut_tr":  # (r, r_t) own; party 1 also (q, m, o, o·q, o·m)
+        _, size, _, bits, _, _ = desc
+        rows = (*size, 1 << bits)
+        return [ring(size), ring(size)] + ([ring(size), ring(size)] + [ring(rows) for _ in range(3)] if party1 else [])
     if kind == "lut":  # (r, β) own; party 1 also (o, o·β)
         _, size, _, bits, mult, _ = desc
         n = 2 if mult else 1
@@ -415,6 +421,11 @@ class TapeProvider(TupleProvider, FixedMaskProvider):
         r, beta, o, ob = parts
         return r, o, beta, ob
 
+    def lut_tr(self, size, shift, bits, d: int, device=None) -> tuple[torch.Tensor, ...]:
+        """(r, r_t, q, m, o, o·q, o·m) shares for a look-up whose multiplier is ⌊z/d⌋ of a raw z
+        (``protocols.lut``, truncated multipliers)."""
+        return tuple(self._correlate(("lut_tr", tuple(size), int(shift), int(bits), int(d), _dtype(device)), device))
+
     @staticmethod
     def _init():
         TTPClient._init()
@@ -560,6 +571,13 @@ class TapeDealer:
             r, b = p0[0] + p1[0], p0[1] + p1[1]
             q, m = udiv(r, desc[3]), (r < 0).long()
             return [t - s for t, s in zip([q, m, q * b, m * b], p1[2:])]
+        if kind == "lut_tr":
+            _, _, shift, bits, d, _ = desc
+            r, rt = p0[0] + p1[0], p0[1] + p1[1]
+            onehot = torch.nn.functional.one_hot((r & ((1 << (shift + bits)) - 1)) >> shift, 1 << bits).long()
+            q, m = udiv(rt, d), (rt < 0).long()
+            parts = [q, m, onehot, onehot * q.unsqueeze(-1), onehot * m.unsqueeze(-1)]
+            return [t - s for t, s in zip(parts, p1[2:])]
         if kind == "lut":
             _, _, shift, bits, mult, _ = desc
             r = p0[0] + p1[0]

@@ -137,6 +137,21 @@ def mul_correlation(size_z: torch.Size, size_y: torch.Size, d: int,
     raise NotImplementedError(f"no truncation correlation for {type(provider).__name__}")
 
 
+def opening(share: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """What this party sends for the truncation of ``share`` with mask ``r``: its share of c = x + 2^62 + r."""
+    return share + r + (_OFFSET if comm.get().get_rank() == 0 else 0)
+
+
+def truncated(c: torch.Tensor, d: int | torch.Tensor, q: torch.Tensor, m: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | torch.Tensor]:
+    """From the opened c and this party's [q_r], [m_r]: (its share of ⌊x/d⌋ *without* party 0's public
+    part p, p = ⌊c_u/d⌋ − ⌊2^62/d⌋, nw = 1 − msb(c), Q): [⌊x/d⌋] = p + Q·nw·[m_r] − [q_r]."""
+    nw = (c >= 0).long()  # the sum wrapped iff m_r = 1 and nw = 1
+    big = _wrap_constant(d)
+    p = udiv(c, d) - torch.div(torch.as_tensor(_OFFSET, device=c.device), d, rounding_mode="floor")
+    return big * nw * m - q, p, nw, big
+
+
 def exact_div_(x: ArithmeticSharedTensor, d: int | torch.Tensor) -> ArithmeticSharedTensor:
     """``[x] ← [⌊x/d⌋]`` in place, for |x| < 2^62 and public 1 ≤ d < 2^31 (see module docstring)."""
     (x.share,) = (wrap(t) for t in exact_div_many([(plain(x.share), d)]))
@@ -164,16 +179,13 @@ def trunc_step(items: list[tuple[torch.Tensor, int | torch.Tensor]], square: boo
         if not isinstance(d, int):
             d = d.to(device=share.device, dtype=torch.long)
         r, *corr = (plain(t) for t in correlation(share.size(), d, device=share.device, square=square))
-        prepared.append((share + r + (_OFFSET if rank == 0 else 0), d, corr))
+        prepared.append((opening(share, r), d, corr))
 
     def finish(opened: list[torch.Tensor]) -> list:
         out = []
         for c, (_, d, corr) in zip(opened, prepared):
             q, m = corr[:2]
-            nw = (c >= 0).long()  # 1 − msb(c): the sum wrapped iff m_r = 1 and nw = 1
-            big = _wrap_constant(d)
-            p = udiv(c, d) - torch.div(torch.as_tensor(_OFFSET, device=c.device), d, rounding_mode="floor")
-            share = big * nw * m - q
+            share, p, nw, big = truncated(c, d, q, m)
             if rank == 0:
                 share = share + p
             if not square:
@@ -198,20 +210,17 @@ def trunc_mul_step(z: torch.Tensor, d: int, y: torch.Tensor):
         raise ValueError("a truncation fused with a product needs an int divisor")
     rank = comm.get().get_rank()
     r, b, q, m, qb, mb = (plain(t) for t in mul_correlation(z.size(), y.size(), d, device=z.device))
-    big = _wrap_constant(d)
 
     def finish(opened: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         c, eps = opened
-        nw = (c >= 0).long()
-        p = udiv(c, d) - torch.div(torch.as_tensor(_OFFSET, device=c.device), d, rounding_mode="floor")
-        x = big * nw * m - q  # + p on party 0
+        x, p, nw, big = truncated(c, d, q, m)  # x + p on party 0
         # (p − q + Q·nw·m)·(ε + b) = p·ε + (Q·nw·m − q)·ε + p·b − q·b + Q·nw·m·b
         xy = x * eps + p * b - qb + big * nw * mb
         if rank == 0:
             return x + p, xy + p * eps
         return x, xy
 
-    return Pending([z + r + (_OFFSET if rank == 0 else 0), y - b], finish)
+    return Pending([opening(z, r), y - b], finish)
 
 
 def local_div_(x: ArithmeticSharedTensor, d: int | torch.Tensor) -> ArithmeticSharedTensor:

@@ -50,6 +50,12 @@ def _errors(seed: int, full: bool, mode: str) -> dict[str, tuple[float, float]]:
         held = lambda t: (t * 2**16).long() / 2**16  # noqa: E731  (CrypTen's encoding truncates toward zero)
         ref = F.silu(held(x)) * held(u)
         out["silu_mul"] = ((got - ref).abs() / (5e-4 * u.abs() + 2.0**-15)).max().item(), 1.0
+        from protocols.lut_nonlinear import silu_mul_raw  # from a projection's raw 2^32 shares
+        from protocols.rounds import share_of
+        raw = lambda t, src: share_of(crypten.cryptensor(t, src=src, precision=32))  # noqa: E731
+        got = dec(silu_mul_raw(raw(x, 0), raw(u, 1)))
+        ref = F.silu(x) * u  # + u's truncation (< 2 ulps) times |silu(x)| <= |x|
+        out["silu_mul_raw"] = ((got - ref).abs() / (5e-4 * u.abs() + 2.0**-15 * (1 + x.abs()))).max().item(), 1.0
     else:
         out["silu"] = ((dec(nl.silu(enc(x))) - F.silu(x)).abs() / (1 + x.abs())).max().item(), 2e-4
     if mode == "lut":  # the look-up's bound is absolute on |x| < 62
@@ -141,6 +147,11 @@ def _cost_job() -> dict[str, int | str]:
             out[f"rms_norm_no_w_{mode}"] = rounds(lambda: nl.rms_norm(h, None, 1e-5))
             out[f"silu_{mode}"] = rounds(lambda: nl.silu(h))
             out[f"silu_mul_{mode}"] = rounds(lambda: nl.silu_mul(h, h))
+            if mode == "lut":
+                from protocols.lut_nonlinear import silu_mul_raw
+                from protocols.rounds import share_of
+                hr = share_of(crypten.cryptensor(torch.randn(3, 576), src=0, precision=32))
+                out["silu_mul_raw"] = rounds(lambda: silu_mul_raw(hr, hr))
             out[f"gelu_{mode}"] = rounds(lambda: nl.gelu_tanh(h))
             try:
                 nl.softmax(x, mask=torch.zeros(256))
@@ -173,5 +184,6 @@ def test_cost_formulas_and_mask_check():
     assert out["rms_norm_no_w_poly"] == 35 and out["rms_norm_no_w_lut"] == 6, out  # lut: squares, look-up, 4 selection
     assert out["silu_poly"] == 39 and out["silu_lut"] == 3, out
     assert out["silu_mul_poly"] == 41 and out["silu_mul_lut"] == 4, out  # poly: silu, then a product + truncation
+    assert out["silu_mul_raw"] == 3, out  # look-ups with the truncations, 1 product round, 1 truncation
     assert out["gelu_lut"] == 3, out  # as silu
     assert "no kept entry" in out["refused_lut"] and "no kept entry" in out["refused_poly"], out
