@@ -55,7 +55,7 @@ import torch
 from protocols.compat import MPCTensor
 from protocols.lut import Request, Table, encode, grid, lookup_many, lookup_step, table
 from protocols.fixed_mask import FixedMaskOperand, fixed_matmul_raw, matmul_step
-from protocols.rounds import Pending, add_public, mul_many, mul_step, share_of, to_secret, together
+from protocols.rounds import Pending, add_public, mul3_step, mul_many, mul_step, share_of, to_secret, together
 from protocols.truncation import exact_div_many, trunc_mul_step, trunc_step
 from protocols.types import Public, Secret
 
@@ -323,7 +323,8 @@ def recip_range(n: int) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- wide-range 1/v and 1/√v
 
-_WIDE = {"recip": (7, 14), "rsqrt": (9, 16)}  # (a: octaves per level, bits: log2 N)
+_WIDE = {"recip": (7, 14), "rsqrt": (11, 18)}  # (a: octaves per level, bits: log2 N); rsqrt (norms:
+# one input per row) uses 2^18-entry tables so that a norm's 33 octaves take 3 levels
 
 
 def _fn(kind: str, gain: float = 1.0):
@@ -463,28 +464,24 @@ def _normalise_weighted(x: torch.Tensor, w: torch.Tensor | None, eps: float, w_s
 
 
 def _scale_by_levels(state, xw: torch.Tensor) -> torch.Tensor:
-    """xw·y @2^16 from ``_wide_step``'s state (y = f(v), up to 4 levels), with xw folded into the level
-    selection: A: residual products, u0·xw, P2 = u0·u1, u2·xw; B: the levels' y_g truncated to 2^24,
-    P2·xw, P3·xw = P2·(u2·xw); C: xw·y_0 + Σ_g (P_g·xw)·(y_g − y_{g−1}); D: truncation (4 rounds after
-    the look-up, instead of ``_wide_select``'s 3 + y's truncation + the product + its truncation)."""
+    """xw·y @2^16 from ``_wide_step``'s state (y = f(v), up to 3 levels), with xw folded into the level
+    selection, y = y_0 + u_0·(y_1 − y_0) + u_0·u_1·(y_2 − y_1): A: the levels' residual products, u_0·xw
+    and u_0·u_1·xw (``mul3_step``); B: each y_g − y_{g−1} truncated to 2^24 with its product by xw,
+    u_0·xw, u_0·u_1·xw in the truncation's round (``trunc_mul_step``); C: the sum's truncation
+    (3 rounds after the look-up, instead of ``_wide_select``'s 3 + y's truncation + the product + its
+    truncation)."""
     v, levels, outs = state
     g_max = len(levels) - 1
-    assert g_max <= 3, "norm ranges of up to 4 levels"
+    assert g_max <= 2, "norm ranges of up to 3 levels"
     pairs = [(slope, _local_trunc(v - c, t)) for (_, t), ((_, slope, c, _), _) in zip(levels, outs)]
     u = [bit for ((_, _, _, bit), _) in outs]
-    extra = ([(u[0], xw)] if g_max >= 1 else []) + ([(u[0], u[1])] if g_max >= 2 else []) + \
-        ([(u[2], xw)] if g_max >= 3 else [])
-    got = mul_many(pairs + extra)
-    ys, extra = [fc + p for ((fc, *_), _), p in zip(outs, got)], got[len(pairs):]
-    p_xw = {1: extra[0]} if g_max >= 1 else {}
-    second = [(extra[1], xw)] if g_max >= 2 else []
-    if g_max >= 3:
-        second.append((extra[1], extra[2]))
-    ys, got = together(trunc_step([(y, 1 << 28) for y in ys]), mul_step(second))  # ys @2^24
-    for g, prod in zip((2, 3), got):
-        p_xw[g] = prod
-    prods = mul_many([(xw, ys[0])] + [(p_xw[g], ys[g] - ys[g - 1]) for g in range(1, g_max + 1)])  # @2^40
-    (out,) = exact_div_many([(sum(prods[1:], prods[0]), 1 << 24)])
+    got, triple = together(mul_step(pairs + ([(u[0], xw)] if g_max >= 1 else [])),
+                           mul3_step([(u[0], u[1], xw)] if g_max >= 2 else []))
+    ys = [fc + p for ((fc, *_), _), p in zip(outs, got)]  # @2^52
+    gated = [xw] + got[len(pairs):] + triple  # xw, u_0·xw, u_0·u_1·xw
+    diffs = [ys[0]] + [ys[g] - ys[g - 1] for g in range(1, g_max + 1)]
+    prods = together(*[trunc_mul_step(dy, 1 << 28, w) for dy, w in zip(diffs, gated)])  # @2^40
+    (out,) = exact_div_many([(sum((p for _, p in prods[1:]), prods[0][1]), 1 << 24)])
     return out
 
 

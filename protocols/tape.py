@@ -70,6 +70,8 @@ def _out_size(desc: Desc) -> tuple[int, ...]:
         return tuple(getattr(torch, op)(_meta(s0), _meta(s1), *args, **dict(kwargs)).shape)
     if kind in ("binary", "trunc_mul"):
         return tuple(torch.broadcast_shapes(desc[1], desc[2]))
+    if kind == "mul3":
+        return tuple(torch.broadcast_shapes(desc[1], desc[2], desc[3]))
     if kind == "fm_pair":
         _, _, sa, sb, transpose, _ = desc
         b = _meta(sb)
@@ -86,6 +88,10 @@ def payload_sizes(desc: Desc) -> list[tuple[int, ...]]:
         return [tuple(desc[1])]
     if kind in ("trunc", "trunc_sq"):
         return [tuple(desc[1])] * (2 if kind == "trunc" else 4)
+    if kind == "mul3":  # a·b, a·c, b·c, a·b·c
+        _, sa, sb, sc, _ = desc
+        return [tuple(torch.broadcast_shapes(sa, sb)), tuple(torch.broadcast_shapes(sa, sc)),
+                tuple(torch.broadcast_shapes(sb, sc)), _out_size(desc)]
     if kind == "trunc_mul":  # q, m of z; q·b, m·b of the product
         return [tuple(desc[1])] * 2 + [_out_size(desc)] * 2
     if kind == "lut":
@@ -119,6 +125,8 @@ def draw(desc: Desc, gen: torch.Generator, party1: bool, device) -> list[torch.T
         return [kbit(desc[1], 1)] + ([ring(desc[1])] if party1 else [])
     if kind in ("trunc", "trunc_sq"):  # r own; party 1 also (q, m) or (q, m, q², q·m)
         return [ring(desc[1])] + ([ring(desc[1]) for _ in range(2 if kind == "trunc" else 4)] if party1 else [])
+    if kind == "mul3":  # (a, b, c) own; party 1 also (a·b, a·c, b·c, a·b·c)
+        return [ring(t) for t in desc[1:4]] + ([ring(t) for t in payload_sizes(desc)] if party1 else [])
     if kind == "trunc_mul":  # (r, b) own; party 1 also (q, m, q·b, m·b)
         out = _out_size(desc)
         return [ring(desc[1]), ring(desc[2])] + ([ring(desc[1]), ring(desc[1]), ring(out), ring(out)] if party1 else [])
@@ -407,6 +415,10 @@ class TapeProvider(TupleProvider, FixedMaskProvider):
         dd = d if isinstance(d, int) else (tuple(d.shape), tuple(d.reshape(-1).tolist()))
         return tuple(self._correlate(("trunc_sq" if square else "trunc", tuple(size), dd, _dtype(device)), device))
 
+    def mul3(self, sa, sb, sc, device=None) -> tuple[torch.Tensor, ...]:
+        """(a, b, c, a·b, a·c, b·c, a·b·c) shares for a three-factor product (``protocols.rounds.mul3_step``)."""
+        return tuple(self._correlate(("mul3", tuple(sa), tuple(sb), tuple(sc), _dtype(device)), device))
+
     def trunc_mul(self, size_z, size_y, d: int, device=None) -> tuple[torch.Tensor, ...]:
         """(r, b, ⌊r_u/d⌋, msb(r), q·b, m·b) shares for a truncation fused with a product
         (``protocols.truncation.trunc_mul_step``)."""
@@ -567,6 +579,9 @@ class TapeDealer:
             q, m = udiv(r, dd), (r < 0).long()
             parts = [q, m] + ([q * q, q * m] if kind == "trunc_sq" else [])
             return [t - s for t, s in zip(parts, p1[1:])]
+        if kind == "mul3":
+            a, b, c = (x + y for x, y in zip(p0[:3], p1[:3]))
+            return [t - s for t, s in zip([a * b, a * c, b * c, a * b * c], p1[3:])]
         if kind == "trunc_mul":
             r, b = p0[0] + p1[0], p0[1] + p1[1]
             q, m = udiv(r, desc[3]), (r < 0).long()
