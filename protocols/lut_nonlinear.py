@@ -27,12 +27,13 @@ Scales: inputs and outputs at 2^16 (CrypTen's encoding); "@2^k" marks an interme
   relative, reciprocal ≤ 3e-4 relative).
 * ``rms_norm`` / ``layer_norm``: x², x·w in one product round; mean(x²) (kept @2^32, so rows of
   tiny activations keep their precision) divided by E in the same round as x·w's truncation;
-  1/√(mean + eps) by ``_wide`` on [2^−12, 2^21] (every SmolLM2 norm, token 0's 1.1e6 included);
-  x·w folded into the level selection (``_scale_by_levels``) and one truncation. Cost 7 rounds
-  (layer_norm + 1 for the mean). Error ≤ 2e-3 of the row's max |output|. Without w (the model folds
-  a norm's w, β into the matrix it feeds): √E/√(Σx² + E·eps) looked up on the sum @2^32 straight
-  from the squares' round (range ``sum_range``), 6 rounds; 5 from given squares (``rms_norm_of_squares``:
-  the residual's truncation makes them, ``protocols.truncation``).
+  1/√(mean + eps) by ``_wide`` on [2^−12, 2^21] (every SmolLM2 norm, token 0's 1.1e6 included) in 3
+  levels of 2^18-entry tables; x·w folded into the level selection (``_scale_by_levels``: u_0·u_1·xw
+  as one three-factor product, the level differences' truncations fused with their products) and one
+  truncation. Cost 6 rounds (layer_norm + 1 for the mean). Error ≤ 2e-3 of the row's max |output|.
+  Without w (the model folds a norm's w, β into the matrix it feeds): √E/√(Σx² + E·eps) looked up on
+  the sum @2^32 straight from the squares' round (range ``sum_range``), 5 rounds; 4 from given squares
+  (``rms_norm_of_squares``: the residual's truncation makes them, ``protocols.truncation``).
 
 ``_wide``: f on [2^lo, 2^hi] for f = 1/v or 1/√v, from G look-ups of the same v at grids of step
 h_g = 2^(hi+1−g·a)/N (level g covers [0, 2^(hi+1−g·a))): level g gives f(c), f'(c) and
@@ -495,14 +496,14 @@ def _weight_share(x: Secret, weight: Secret | Public | None) -> tuple[torch.Tens
 
 
 def rms_norm(x: Secret, weight: Secret | Public | None, eps: float) -> Secret:
-    """``[x / √(mean(x²) + eps) · w]`` over the last dim: 7 rounds, 6 without w (module docstring)."""
+    """``[x / √(mean(x²) + eps) · w]`` over the last dim: 6 rounds, 5 without w (module docstring)."""
     w, secret = _weight_share(x, weight)
     return to_secret(_normalise_weighted(share_of(x), w, eps, secret))
 
 
 def rms_norm_of_squares(x: Secret, sq: torch.Tensor, eps: float) -> Secret:
     """``[x / √(mean(x²) + eps)]`` given this party's share of [x²] @2^32 (e.g. from
-    ``protocols.truncation.trunc_step(square=True)``): 5 rounds (the look-up, 4 selection)."""
+    ``protocols.truncation.trunc_step(square=True)``): 4 rounds (the look-up, 3 for ``_scale_by_levels``)."""
     return to_secret(_normalise_weighted(share_of(x), None, eps, False, sq))
 
 
