@@ -20,7 +20,8 @@ Scales: inputs and outputs at 2^16 (CrypTen's encoding); "@2^k" marks an interme
 * ``softmax``: masked entries take the value of the row's first kept entry (public choice, local),
   so the row max is unchanged; a max tree of m = b + relu(a − b) with relu looked up at step 1/4
   on [−256, 256) (⌈log2 n⌉ rounds; |m − max| ≤ ⌈log2 n⌉/4); e = exp(x − m) in two look-ups
-  (coarse e^c at integers c ∈ [−496, 16), then e^(x−c) ≈ e^f(1 + (x − c − f)) at step 1/32),
+  (coarse e^(o_c) ≈ e^c at integers c ∈ [−496, 16), exact at its offset o_c, then e^(x−o_c) ≈
+  e^f(1 + (x − o_c − f)) at step 1/32 on [−6, 2); keys down to 18.5 below the max keep their mass),
   one product, one truncation; the reciprocal of s = Σe by ``_wide``; p = e·(1/s), one truncation.
   Cost ⌈log2 n⌉ + 10 rounds for n ≤ 8192 rows whose entries spread ≤ 250 (measured on SmolLM2-135M
   logits: ≤ 81; secret padding slots sit at ``PAD_LOGIT`` = −128). Error ≤ 2e-3 absolute (exp 5e-4
@@ -177,15 +178,44 @@ def _relu_table(in_frac: int = F) -> Table:
                  in_frac=in_frac, out_frac=F)
 
 
+_FINE_LOW, _FINE_BITS = -192, 8  # the fine exp grids: step 1/32 on [−6, 2) (lo reaches −5.14, see _exp_coarse)
+_TAIL_LOW = -18  # lowest coarse point kept by the tail entries (below: e^c = 0, ≤ e^−18.5 per key)
+
+
+def _exp_coarse() -> Table:
+    """Coarse e^c at the integers c ∈ [−496, 16): (V_c @2^20, o_c @2^16) with V_c/2^20 = e^(o_c) almost
+    exactly, o_c (the offset the fine table sees, lo = z − o_c) on the 2^−16 grid within 1/4 of c.
+
+    V_c = encode(e^c, 20) (round to nearest) was off by a fixed, c-dependent relative amount (−16 % … +15 %
+    at c = −13 … −10, −100 % for c ≤ −15 where e^c < 2^−21) that the stochastic index rounding cannot
+    average away: with thousands of keys 9–18 below a sink, Σe came out ~1e-4 low (4K SmolLM2) and
+    every p of a sink row the same ~1e-4 high. Here each V_c = n is the integer whose ln(n·2^−20),
+    rounded to 2^−16, is closest to matching (≤ 3.3e-6 relative, ≤ 1e-8 for c ≥ −9), and the tail
+    c ∈ [_TAIL_LOW, −15] takes V = 1 at o = ln 2^−20 ≈ −13.86 (the fine table reaches lo ≥ −5.14)."""
+    vals, offs = [], []
+    o_one = round(math.log(2.0**-20) * 2**F)
+    for c in range(-496, 16):
+        n_lo, n_hi = max(1, math.ceil(math.exp(c - 0.25) * 2**20)), math.floor(math.exp(c + 0.25) * 2**20)
+        if n_hi < n_lo:  # e^c·2^20 < 1/√e: the tail, or 0
+            vals.append(1 if c >= _TAIL_LOW else 0)
+            offs.append(o_one if c >= _TAIL_LOW else c << F)
+            continue
+        mid = round(math.exp(c) * 2**20)
+        n = torch.arange(max(n_lo, mid - 2048), min(n_hi, mid + 2048) + 1, dtype=torch.float64)
+        o = torch.round(torch.log(n / 2**20) * 2**F)
+        k = int((n / 2**20 / torch.exp(o / 2**F) - 1).abs().argmin())
+        vals.append(int(n[k]))
+        offs.append(int(o[k]))
+    return Table(F, -496, torch.tensor([vals, offs], dtype=torch.long))
+
+
 @functools.lru_cache(maxsize=None)
 def _exp_tables() -> tuple[Table, Table]:
-    """Coarse: e^c @2^20 and c @2^16 at the integers c ∈ [−496, 16); fine: the tangent of e^f at
-    step 1/32 on [−2, 2): a = e^f(1 − f) @2^32, b = e^f @2^16 (× the residual x − c @2^16)."""
-    c = grid(F, -496, 9, F)
-    coarse = Table(F, -496, torch.stack([encode(torch.exp(c), 20), encode(c, F)]))
-    fine = table([lambda f: torch.exp(f) * (1 - f)], shift=F - 5, low=-64, bits=7, in_frac=F, out_frac=32,
-                 slopes=[torch.exp], slope_frac=16)
-    return coarse, fine
+    """Coarse: ``_exp_coarse``; fine: the tangent of e^f at step 1/32 on [−6, 2): a = e^f(1 − f) @2^32,
+    b = e^f @2^16 (× the residual x − o_c @2^16)."""
+    fine = table([lambda f: torch.exp(f) * (1 - f)], shift=F - 5, low=_FINE_LOW, bits=_FINE_BITS, in_frac=F,
+                 out_frac=32, slopes=[torch.exp], slope_frac=16)
+    return _exp_coarse(), fine
 
 
 def _tree_max(xs: torch.Tensor) -> torch.Tensor:
@@ -204,15 +234,15 @@ def _exp_fine_24() -> Table:
     """The fine exp table of the attention's untruncated e @2^44: a = e^f − b̂·f @2^24 with b̂ = e^f
     rounded to 2^−8 (the slope column, × the residual @2^16): a + b̂·lo = e^f + b̂·(lo − f), so the
     slope's rounding (≤ 2^−9) only scales |lo − f| < 2^−5 (≤ 2^−14 absolute)."""
-    f = grid(F - 5, -64, 7, F)
+    f = grid(F - 5, _FINE_LOW, _FINE_BITS, F)
     b = encode(torch.exp(f), 8)
     a = encode(torch.exp(f) - b.double() / 2**8 * f, 24)
-    return Table(F - 5, -64, a.unsqueeze(0), b.unsqueeze(0))
+    return Table(F - 5, _FINE_LOW, a.unsqueeze(0), b.unsqueeze(0))
 
 
 def _exp_product(z: torch.Tensor, fine: Table) -> torch.Tensor:
     """e^z @2^(20 + the fine table's scale) for z @2^16 in [−494, 14], untruncated: 2 look-up rounds
-    (coarse e^c, then the tangent of e^(z − c)), 1 product."""
+    (coarse e^(o_c), then the tangent of e^(z − o_c)), 1 product."""
     coarse, _ = _exp_tables()
     ((ec, c), _), = lookup_many([Request(z, coarse)])
     lo = z - c
@@ -258,8 +288,17 @@ def _fill_masked(xs: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return xs * m + ref * (1 - m)
 
 
+# A public offset added to x − m before exp (a factor e^0.0066 that every normalisation cancels): the
+# tangent's mean loss under stochastic rounding is e^f·w(1 − w)·h²/2 at cell position w, 1/6·h²/2 on
+# average, 0 on a grid point, and the max tree leaves one key of each row exactly on the grid (the
+# base leaf b of m = b + relu(a − b), at z = −k/4; under a causal mask the sink's copies in the masked
+# slots make that the sink in most rows): that key came out unbiased while the rest lost 8e-5, so its p
+# was ~8e-5·(1 − p) high. Shifted by w*·h, w* = 1/2 − 1/√12, an on-grid z sits where w(1 − w) = 1/6.
+_EXP_SHIFT = round((0.5 - 12 ** -0.5) * 2 ** (F - 5))  # 433 ulps @2^16
+
+
 def _masked_exp(xs: torch.Tensor, mx: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-    e = _exp(xs - mx)
+    e = _exp(add_public(xs - mx, _EXP_SHIFT))
     return e if m is None else e * m
 
 
@@ -298,7 +337,7 @@ def attention(q: Secret, keys: FixedMaskOperand, values: FixedMaskOperand, mask:
         mx = _tree_max(torch.cat([xs[..., half:2 * half] + r, xs[..., 2 * half:]], dim=-1))
     lo, hi = recip_range(n)
     if hi + _E_FRAC <= 62:
-        e = _exp_product(xs - mx, _exp_fine_24())  # @2^44
+        e = _exp_product(add_public(xs - mx, _EXP_SHIFT), _exp_fine_24())  # @2^44
         if m is not None:
             e = e * m
         (e,), state = together(trunc_step([(e, 1 << (_E_FRAC - F))]),
