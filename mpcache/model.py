@@ -21,11 +21,12 @@ from protocols.compat import comm, crypten
 from protocols.cost import Meter
 from protocols import lut_argmax
 from protocols.config import active_config
-from protocols.fixed_mask import FixedMaskOperand, StockOperand, fixed_matmul, fixed_matmul_raw
+from protocols.fixed_mask import (FixedMaskOperand, StockOperand, fixed_matmul, fixed_matmul_raw, fuses_truncation,
+                                   trunc_matmul_step)
 from protocols.lut_nonlinear import rms_norm_of_squares, silu_mul_raw
 from protocols.nonlinear import gelu_tanh, layer_norm, rms_norm, silu_mul
 from protocols.rounds import share_of, to_secret, together
-from protocols.truncation import exact_div_many, trunc_step
+from protocols.truncation import Untruncated, exact_div_many, trunc_step
 from protocols.types import Public, Secret
 
 if TYPE_CHECKING:
@@ -97,15 +98,24 @@ class ModelArgs:
                    tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
 
 
-def _linear(x: Secret, w: FixedMaskOperand, b: Secret | None) -> Secret:
-    """[x] [W]ᵀ (+ [b]), W in nn.Linear layout (out, in): (..., in) -> (..., out)."""
-    y = fixed_matmul(x, w, transpose_w=True)
+def _linear(x: Secret | Untruncated, w: FixedMaskOperand, b: Secret | None) -> Secret:
+    """[x] [W]ᵀ (+ [b]), W in nn.Linear layout (out, in): (..., in) -> (..., out). An ``Untruncated`` x
+    has its truncation fused into the product (``_linear_raw``) and the output truncated after."""
+    if isinstance(x, Untruncated) and fuses_truncation(x, w, transpose_w=True):
+        return to_secret(exact_div_many([(_linear_raw(x, w, b), 1 << 16)])[0])
+    y = fixed_matmul(x.settle() if isinstance(x, Untruncated) else x, w, transpose_w=True)
     return y if b is None else y + b
 
 
-def _linear_raw(x: Secret, w: FixedMaskOperand, b: Secret | None) -> torch.Tensor:
-    """``_linear``'s share before its truncation: x·Wᵀ (+ b) @2^32 (plain int64)."""
-    raw = fixed_matmul_raw(x, w, transpose_w=True)
+def _linear_raw(x: Secret | Untruncated, w: FixedMaskOperand, b: Secret | None) -> torch.Tensor:
+    """``_linear``'s share before its truncation: x·Wᵀ (+ b) @2^32 (plain int64). An ``Untruncated`` x
+    (a norm's, the attention's or the gated MLP's output) costs no round of its own when
+    ``fuses_truncation`` (a decode token: its truncation's round carries the product,
+    ``trunc_matmul_step``), else it settles first (1 round)."""
+    if isinstance(x, Untruncated) and fuses_truncation(x, w, transpose_w=True):
+        (raw,) = together(trunc_matmul_step(x.share, x.d, w, transpose_w=True))
+    else:
+        raw = fixed_matmul_raw(x.settle() if isinstance(x, Untruncated) else x, w, transpose_w=True)
     return raw if b is None else raw + share_of(b) * (1 << 16)
 
 
@@ -133,7 +143,7 @@ class SecureRMSNorm:
     def __init__(self, weight: Secret | None, eps: float) -> None:
         self.weight, self.eps = weight, eps
 
-    def __call__(self, x: Residual) -> Secret:  # (B, S, E) -> (B, S, E)
+    def __call__(self, x: Residual) -> Secret | Untruncated:  # (B, S, E) -> (B, S, E)
         if x.sq is not None and self.weight is None:
             return rms_norm_of_squares(x.x, x.sq, self.eps)
         return rms_norm(x.x, self.weight, self.eps)
@@ -182,7 +192,7 @@ class SecureAttention:
         self.args, self.layer, self.meter = args, layer, meter
         self.wqkv, self.bqkv, self.wo, self.bo = wqkv, bqkv, wo, bo
 
-    def __call__(self, x: Secret, rope: Rope, mask: Public | None, seq: Sequence,
+    def __call__(self, x: Secret | Untruncated, rope: Rope, mask: Public | None, seq: Sequence,
                  raw: bool = False) -> Secret | torch.Tensor:
         """x (B, S, E) -> (B, S, E); appends the S new K/V rows to this layer's cache in ``seq``, then
         one call into the sequence's policy. ``raw``: the output projection's untruncated share
@@ -207,13 +217,14 @@ class SecureAttention:
             cache.append(k, v)
         q = q.reshape(B, Hkv, G * S, D)  # query heads h = kv·G + g
         y = seq.policy.attend(self.layer, q, cache, mask, seq.partner(self.layer))  # (B, Hkv, G·S, D)
-        y = y.reshape(B, H, S, D).transpose(1, 2).reshape(B, S, H * D)
+        rows = lambda t: t.reshape(B, H, S, D).transpose(1, 2).reshape(B, S, H * D)  # noqa: E731
+        y = y.map(rows) if isinstance(y, Untruncated) else rows(y)
         with self.meter.stage("attention"):
             if raw:
                 return _linear_raw(y, self.wo, self.bo)
             return _linear(y, self.wo, self.bo)  # (B, S, H·D) -> (B, S, E)
 
-    def _qkv_fused(self, x: Secret, rope: Rope) -> tuple[Secret, Secret, Secret]:
+    def _qkv_fused(self, x: Secret | Untruncated, rope: Rope) -> tuple[Secret, Secret, Secret]:
         """q/√D, k (RoPE'd) and v (B, heads, S, D) with one truncation round after the projection.
 
         The projection stays at 2^32 (``fixed_matmul_raw``); RoPE's public cos, sin (and 1/√D for q)
@@ -224,9 +235,7 @@ class SecureAttention:
         B, S, _ = x.shape
         H, Hkv, D = a.n_heads, a.n_kv_heads, a.head_dim
         with self.meter.stage("qkv"):
-            raw = fixed_matmul_raw(x, self.wqkv, transpose_w=True)  # (B, S, (H + 2Hkv)·D) @2^32
-            if self.bqkv is not None:
-                raw = raw + share_of(self.bqkv) * (1 << 16)
+            raw = _linear_raw(x, self.wqkv, self.bqkv)  # (B, S, (H + 2Hkv)·D) @2^32
 
         def heads(t: torch.Tensor, n: int) -> torch.Tensor:
             return t.reshape(B, S, n, D).transpose(1, 2)
@@ -251,7 +260,7 @@ class SecureMLP:
         self.args, self.meter = args, meter
         self.w_in, self.b_in, self.w_out, self.b_out = w_in, b_in, w_out, b_out
 
-    def __call__(self, x: Secret, raw: bool = False) -> Secret | torch.Tensor:
+    def __call__(self, x: Secret | Untruncated, raw: bool = False) -> Secret | torch.Tensor:
         """``raw`` (the fused Llama block): silu(gate)·up straight from the untruncated projection
         (``silu_mul_raw``) and the down projection's untruncated share (``_linear_raw``) for
         ``residual_add``."""

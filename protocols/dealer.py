@@ -44,6 +44,17 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, transpose_b: bool) -> torch.Tensor
     return torch.matmul(a, b.transpose(-1, -2) if transpose_b else b)
 
 
+def outer_mask(m: torch.Tensor, b: torch.Tensor, transpose_b: bool) -> torch.Tensor:
+    """(m ⊗ B)[..., i, j] = m[..., i]·B'[..., i, j] with B' = B (or Bᵀ), shapes broadcast: (..., S, I, J)."""
+    return m.unsqueeze(-1) * (b.transpose(-1, -2) if transpose_b else b).unsqueeze(-3)
+
+
+def outer_size(size_a: Size, size_b: Size, transpose_b: bool) -> torch.Size:
+    """Shape of ``outer_mask`` for operands of these shapes, computed without data."""
+    return outer_mask(torch.empty(tuple(size_a), device="meta"), torch.empty(tuple(size_b), device="meta"),
+                      transpose_b).shape
+
+
 class FixedMaskProvider:
     """Party-side source of fixed masks ``[B]`` and per-call pairs ``([A], [C] = [A @ B])``.
 
@@ -71,6 +82,12 @@ class FixedMaskProvider:
         ``size_b`` is the current shape of ``B[key]`` (known to every party).
         """
         raise NotImplementedError(f"{type(self).__name__}.pair")
+
+    def trunc_pair(self, key: int, size_z: Size, size_b: Size, d: int, transpose: bool,
+                   device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
+        """Plain shares of (r, q = ⌊r_u/d⌋, m = msb(r)) of ``size_z``, ``q @ B`` and ``outer_mask(m, B)``
+        for a truncation fused with a product by ``B[key]`` (``protocols.fixed_mask.trunc_matmul_step``)."""
+        raise NotImplementedError(f"{type(self).__name__}.trunc_pair")
 
     def select(self, key: int, new_key: int, dim: int, index: torch.Tensor) -> None:
         """Register ``B[new_key] = B[key].index_select(dim, index)`` (public ``index``)."""
@@ -104,6 +121,18 @@ class TrustedFirstPartyMasks(FixedMaskProvider):
             c = torch.zeros(product_size(size_a, size_b, transpose), dtype=torch.long, device=device)
         return (ArithmeticSharedTensor(a, precision=0, src=0),
                 ArithmeticSharedTensor(c, precision=0, src=0))
+
+    def trunc_pair(self, key, size_z, size_b, d, transpose, device=None):
+        from protocols.truncation import plain, udiv, wrap
+        if comm.get().get_rank() == 0:  # party 0 draws r and knows B
+            r = plain(generate_random_ring_element(tuple(size_z), device=device))
+            b = plain(self._masks[key])
+            q, m = udiv(r, d), (r < 0).long()
+            parts = [r, q, m, plain(_matmul(wrap(q), self._masks[key], transpose)), outer_mask(m, b, transpose)]
+        else:
+            sizes = [size_z] * 3 + [product_size(size_z, size_b, transpose), outer_size(size_z, size_b, transpose)]
+            parts = [torch.zeros(tuple(s), dtype=torch.long, device=device) for s in sizes]
+        return tuple(plain(ArithmeticSharedTensor(p, precision=0, src=0).share) for p in parts)
 
     def select(self, key, new_key, dim, index):
         if comm.get().get_rank() == 0:

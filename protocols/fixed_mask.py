@@ -38,8 +38,8 @@ import weakref
 import torch
 
 from protocols.compat import MPCTensor, comm, crypten
-from protocols.dealer import fixed_mask_provider, product_size
-from protocols.truncation import plain, wrap
+from protocols.dealer import fixed_mask_provider, outer_size, product_size
+from protocols.truncation import Untruncated, _check_divisor, opening, plain, truncated, wrap
 from protocols.types import Public, Secret
 
 # CrypTen internals; protocols.compat (imported above) has already made CrypTen importable.
@@ -302,6 +302,51 @@ def matmul_step(x: torch.Tensor, w: FixedMaskOperand, *, transpose_w: bool = Fal
         return plain(z)
 
     return Pending(appends.opens + [x - plain(a.share)], finish)
+
+
+TRUNC_MATMUL_LIMIT = 1 << 22  # largest m ⊗ B correlation (elements) ``trunc_matmul_step`` is used for
+
+
+def fuses_truncation(x: Untruncated, w: Operand, *, transpose_w: bool = False) -> bool:
+    """Whether ``[⌊z/d⌋] @ [W]`` runs as ``trunc_matmul_step``: a fixed-mask W and an m ⊗ B correlation
+    (|z|·J elements: a SmolLM2 decode token's largest is 576·3072) within ``TRUNC_MATMUL_LIMIT`` (a
+    32-token prefill or the LM head would need 10–28M per product: they settle the truncation first).
+    Public: a function of the shapes."""
+    return isinstance(w, FixedMaskOperand) and outer_size(x.share.size(), w.shape, transpose_w).numel() <= TRUNC_MATMUL_LIMIT
+
+
+def trunc_matmul_step(z: torch.Tensor, d: int, w: FixedMaskOperand, *, transpose_w: bool = False):
+    """``⌊z/d⌋ @ W`` (or ``@ Wᵀ``) in the exact truncation's own round, as a ``protocols.rounds.Pending``:
+    the product needs no opening of its own.
+
+    With c = z + 2^62 + r opened, ⌊z/d⌋ = p + Q·nw⊙[m] − [q] (``protocols.truncation.truncated``: p, nw
+    public) and [W] = δ + [B]:
+        ⌊z/d⌋ @ W = x' @ δ + p @ [W] − [q @ B] + Q·Σ_i nw_i·[m_i·B_i·],
+    x' = Q·nw⊙[m] − [q] (the secret part; party 0's share of [W] holds δ, so p @ δ is in p @ [W]).
+    Correlation: r, q, m (|z| each), q @ B (|out|), m ⊗ B (|z|·J, ``protocols.dealer.outer_mask``), from
+    the dealer or party 0 (TFP). Cost: 1 round and ``16·|z|`` logged bytes (the opening of c) for what
+    was a truncation round and a product round (``16·|z|`` each); a pending append of W's rows goes out
+    in it.
+    Public: shapes, d, c (uniform), nw (a function of c). Error: the truncation's (< 2 ulps of ⌊z/d⌋).
+    Returns this party's share of the product at W's scale (untruncated)."""
+    from protocols.rounds import Pending
+    _check_divisor(d)
+    if not isinstance(d, int):
+        raise ValueError("a truncation fused with a matmul needs an int divisor")
+    out_size = product_size(z.size(), w.shape, transpose_w)  # raises on a shape mismatch
+    r, q, m, qb, mb = w._provider.trunc_pair(w.key, z.size(), w.shape, d, transpose_w, device=z.device)
+    appends = w._appends.step() if w._appends is not None else Pending([], lambda _: None)
+    n = len(appends.opens)
+
+    def finish(opened: list[torch.Tensor]) -> torch.Tensor:
+        appends.finish(opened[:n])
+        x, p, nw, big = truncated(opened[n], d, q, m)  # x = Q·nw·[m] − [q]: the secret part
+        prod = torch.matmul(wrap(x), _t(w._delta, transpose_w)) + torch.matmul(wrap(p), _t(w._share, transpose_w))
+        prod = plain(prod) - qb + big * (nw.unsqueeze(-1) * mb).sum(-2)
+        assert prod.size() == out_size, f"product shape {tuple(prod.size())} != {tuple(out_size)}"
+        return prod
+
+    return Pending(appends.opens + [opening(z, r)], finish)
 
 
 def share_weight(tensor: torch.Tensor | None, src: int, shape: tuple[int, ...], *,

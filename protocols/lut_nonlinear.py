@@ -15,8 +15,9 @@ Scales: inputs and outputs at 2^16 (CrypTen's encoding); "@2^k" marks an interme
   |x| < 10; silu ≈ relu beyond, |x|·σ(−|x|) ≤ 4.6e-4). Domain |x| < 62 (beyond, the coarse index wraps).
   ``silu_mul`` (the gated MLP's silu(g)·u): the same look-ups with the product folded into the
   selection, 4 rounds instead of 3 + 2; ``silu_mul_raw`` from a projection's untruncated output, its
-  truncation riding the look-ups' round (``protocols.lut``, truncated multipliers): 3. ``gelu_tanh`` (GPT-2): the same with GELU's tables (error
-  ≤ 4e-4: max|f''|·h²/2 = 3.9e-4).
+  truncation riding the look-ups' round (``protocols.lut``, truncated multipliers): 3, its last
+  truncation left ``Untruncated`` (the down projection fuses it). ``gelu_tanh`` (GPT-2): the same
+  with GELU's tables (error ≤ 4e-4: max|f''|·h²/2 = 3.9e-4).
 * ``softmax``: masked entries take the value of the row's first kept entry (public choice, local),
   so the row max is unchanged; a max tree of m = b + relu(a − b) with relu looked up at step 1/4
   on [−256, 256) (⌈log2 n⌉ rounds; |m − max| ≤ ⌈log2 n⌉/4); e = exp(x − m) in two look-ups
@@ -34,7 +35,9 @@ Scales: inputs and outputs at 2^16 (CrypTen's encoding); "@2^k" marks an interme
   truncation. Cost 6 rounds (layer_norm + 1 for the mean). Error ≤ 2e-3 of the row's max |output|.
   Without w (the model folds a norm's w, β into the matrix it feeds): √E/√(Σx² + E·eps) looked up on
   the sum @2^32 straight from the squares' round (range ``sum_range``), 5 rounds; 4 from given squares
-  (``rms_norm_of_squares``: the residual's truncation makes them, ``protocols.truncation``).
+  (``rms_norm_of_squares``: the residual's truncation makes them, ``protocols.truncation``), the last
+  of them a truncation it leaves ``Untruncated`` for the next projection to fuse
+  (``protocols.fixed_mask.trunc_matmul_step``).
 
 ``_wide``: f on [2^lo, 2^hi] for f = 1/v or 1/√v, from G look-ups of the same v at grids of step
 h_g = 2^(hi+1−g·a)/N (level g covers [0, 2^(hi+1−g·a))): level g gives f(c), f'(c) and
@@ -58,7 +61,7 @@ from protocols.compat import MPCTensor
 from protocols.lut import Request, Table, encode, grid, lookup_many, lookup_step, table
 from protocols.fixed_mask import FixedMaskOperand, fixed_matmul_raw, matmul_step
 from protocols.rounds import Pending, add_public, mul3_step, mul_many, mul_step, share_of, to_secret, together
-from protocols.truncation import exact_div_many, trunc_mul_step, trunc_step
+from protocols.truncation import Untruncated, exact_div_many, trunc_mul_step, trunc_step
 from protocols.types import Public, Secret
 
 F = 16  # fraction bits of CrypTen's encoding (ProtocolConfig.precision_bits must be 16 here)
@@ -154,7 +157,7 @@ def silu_mul(x: Secret, u: Secret) -> Secret:
     return to_secret(out)
 
 
-def silu_mul_raw(g: torch.Tensor, u: torch.Tensor) -> Secret:
+def silu_mul_raw(g: torch.Tensor, u: torch.Tensor) -> Untruncated:
     """``[silu(x)·y]`` @2^16 from the untruncated shares g = x·2^32, u = y·2^32 of a projection, in 3 rounds
     (``silu_mul``'s 4 + the projection's truncation: 5): the look-ups index g directly, the fine one with
     the truncated x = ⌊g/2^16⌋ as multiplier (f = a + b̂·x) and the coarse one with the truncated y, giving
@@ -165,8 +168,7 @@ def silu_mul_raw(g: torch.Tensor, u: torch.Tensor) -> Secret:
     (a, bx, x), (_, gates_y, _) = lookup_many([Request(g, _silu_table_32(2 * F), g, div=1 << F),
                                                Request(g, _silu_gates_raw(), u, div=1 << F)])
     sel_fy, far_yx = mul_many([(a[0] + bx[0], gates_y[0]), (gates_y[1], x)])  # @2^48, @2^32
-    (out,) = exact_div_many([(sel_fy + far_yx * (1 << 16), 1 << 32)])
-    return to_secret(out)
+    return Untruncated(sel_fy + far_yx * (1 << 16), 1 << 32)
 
 
 # ---------------------------------------------------------------- softmax
@@ -306,9 +308,11 @@ _E_FRAC = 44  # scale of the attention's untruncated e (e^c @2^20 × the fine ta
 
 
 def attention(q: Secret, keys: FixedMaskOperand, values: FixedMaskOperand, mask: Public | None = None,
-              probs: bool = False) -> tuple[Secret, Secret | None]:
+              probs: bool = False) -> tuple[Secret | Untruncated, Secret | None]:
     """``softmax(q·Kᵀ, mask)·V`` (and the probabilities if ``probs``) with the normalisation moved after
     the value product: q (…, S, D) @2^16, K, V (…, T, D) fixed-mask operands, mask (S, T) or None.
+    Without ``probs`` the output comes back ``Untruncated`` (its last round below is left to the
+    consumer, e.g. fused with the output projection: ``protocols.fixed_mask.trunc_matmul_step``).
 
     Rounds: q·Kᵀ (1, left at 2^32); its truncation shares a round with the max tree's first level
     (relu looked up on the untruncated differences); the rest of the tree; exp's look-ups and product
@@ -316,7 +320,8 @@ def attention(q: Secret, keys: FixedMaskOperand, values: FixedMaskOperand, mask:
     untruncated row sum Σe @2^44 (range ``recip_range``: needs its top + 44 ≤ 62, i.e. T ≤ 5,080;
     beyond, the sum of the truncated e is looked up a round later); e·V shares a round with the
     reciprocal's residual products; the selection, with e·V's truncation in its last round; y's
-    truncation with (e·V)·y (and e·y for ``probs``) in its round (``trunc_mul_step``); a truncation:
+    truncation with (e·V)·y (and e·y for ``probs``) in its round (``trunc_mul_step``); a truncation
+    (left to the consumer without ``probs``: one round fewer here):
     ⌈log2 T⌉ + 9 rounds for T ≤ 2^11 (T ≤ 4: one reciprocal level, e·V's truncation takes the round
     the selection would), + 1 for a 4th reciprocal level (2^11 < T ≤ 2^13) + 1 for the later look-up (T > 5,080); vs
     ⌈log2 T⌉ + 14 for ``softmax`` then two matmuls. Error: as ``softmax``, plus ≤ 2^−14 absolute in e from the fine table's 2^−8 slope.
@@ -350,8 +355,10 @@ def attention(q: Secret, keys: FixedMaskOperand, values: FixedMaskOperand, mask:
         y, ((ev,),), _ = _wide_select(state, [trunc_step([(ev, 1 << F)])])
     # y's truncation (@2^52 -> @2^32) with the products (e·V)·y (and e·y) in its round, then theirs
     fused = together(*[trunc_mul_step(y, 1 << 20, t) for t in [ev] + ([e] if probs else [])])
+    if not probs:
+        return Untruncated(fused[0][1], 1 << 32), None  # @2^48: the consumer truncates (or fuses) it
     outs = exact_div_many([(prod, 1 << 32) for _, prod in fused])  # @2^48 -> @2^16
-    return to_secret(outs[0]), (to_secret(outs[1]) if probs else None)
+    return to_secret(outs[0]), to_secret(outs[1])
 
 
 def recip_range(n: int) -> tuple[int, int]:
@@ -480,8 +487,8 @@ def sum_range(e: int) -> tuple[int, int]:
 
 
 def _normalise_weighted(x: torch.Tensor, w: torch.Tensor | None, eps: float, w_secret: bool,
-                        sq: torch.Tensor | None = None) -> torch.Tensor:
-    """(x·w)/√(mean(x²) + eps) @2^16 for x @2^16 (rows over the last dim) and w @2^16; w None (a norm
+                        sq: torch.Tensor | None = None) -> Untruncated:
+    """(x·w)/√(mean(x²) + eps) @2^16 (its last truncation pending) for x @2^16 (rows over the last dim) and w @2^16; w None (a norm
     folded into the next matrix): x/√(mean(x²) + eps) = √E·x/√(Σx² + E·eps), the sum read by the
     look-up at 2^32 as it comes out of the squares (no truncation round), or straight from [x²] @2^32
     when the caller has it (``sq``: no squaring round either)."""
@@ -503,12 +510,12 @@ def _normalise_weighted(x: torch.Tensor, w: torch.Tensor | None, eps: float, w_s
     return _scale_by_levels(state, xw)
 
 
-def _scale_by_levels(state, xw: torch.Tensor) -> torch.Tensor:
-    """xw·y @2^16 from ``_wide_step``'s state (y = f(v), up to 3 levels), with xw folded into the level
+def _scale_by_levels(state, xw: torch.Tensor) -> Untruncated:
+    """xw·y @2^16 (its last truncation pending) from ``_wide_step``'s state (y = f(v), up to 3 levels), with xw folded into the level
     selection, y = y_0 + u_0·(y_1 − y_0) + u_0·u_1·(y_2 − y_1): A: the levels' residual products, u_0·xw
     and u_0·u_1·xw (``mul3_step``); B: each y_g − y_{g−1} truncated to 2^24 with its product by xw,
-    u_0·xw, u_0·u_1·xw in the truncation's round (``trunc_mul_step``); C: the sum's truncation
-    (3 rounds after the look-up, instead of ``_wide_select``'s 3 + y's truncation + the product + its
+    u_0·xw, u_0·u_1·xw in the truncation's round (``trunc_mul_step``); C: the sum's truncation, left
+    to the caller (3 rounds after the look-up, instead of ``_wide_select``'s 3 + y's truncation + the product + its
     truncation)."""
     v, levels, outs = state
     g_max = len(levels) - 1
@@ -521,8 +528,7 @@ def _scale_by_levels(state, xw: torch.Tensor) -> torch.Tensor:
     gated = [xw] + got[len(pairs):] + triple  # xw, u_0·xw, u_0·u_1·xw
     diffs = [ys[0]] + [ys[g] - ys[g - 1] for g in range(1, g_max + 1)]
     prods = together(*[trunc_mul_step(dy, 1 << 28, w) for dy, w in zip(diffs, gated)])  # @2^40
-    (out,) = exact_div_many([(sum((p for _, p in prods[1:]), prods[0][1]), 1 << 24)])
-    return out
+    return Untruncated(sum((p for _, p in prods[1:]), prods[0][1]), 1 << 24)  # @2^40
 
 
 def _weight_share(x: Secret, weight: Secret | Public | None) -> tuple[torch.Tensor | None, bool]:
@@ -537,13 +543,15 @@ def _weight_share(x: Secret, weight: Secret | Public | None) -> tuple[torch.Tens
 def rms_norm(x: Secret, weight: Secret | Public | None, eps: float) -> Secret:
     """``[x / √(mean(x²) + eps) · w]`` over the last dim: 6 rounds, 5 without w (module docstring)."""
     w, secret = _weight_share(x, weight)
-    return to_secret(_normalise_weighted(share_of(x), w, eps, secret))
+    return _normalise_weighted(share_of(x), w, eps, secret).settle()
 
 
-def rms_norm_of_squares(x: Secret, sq: torch.Tensor, eps: float) -> Secret:
+def rms_norm_of_squares(x: Secret, sq: torch.Tensor, eps: float) -> Untruncated:
     """``[x / √(mean(x²) + eps)]`` given this party's share of [x²] @2^32 (e.g. from
-    ``protocols.truncation.trunc_step(square=True)``): 4 rounds (the look-up, 3 for ``_scale_by_levels``)."""
-    return to_secret(_normalise_weighted(share_of(x), None, eps, False, sq))
+    ``protocols.truncation.trunc_step(square=True)``), its last truncation pending: 3 rounds (the
+    look-up, 2 of ``_scale_by_levels``) + the truncation (``Untruncated.settle``, or fused into the
+    next fixed-mask product)."""
+    return _normalise_weighted(share_of(x), None, eps, False, sq)
 
 
 def layer_norm(x: Secret, weight: Secret | Public | None, bias: Secret | Public | None, eps: float) -> Secret:
@@ -552,5 +560,5 @@ def layer_norm(x: Secret, weight: Secret | Public | None, bias: Secret | Public 
     xs = share_of(x)
     (mean,) = exact_div_many([(xs.sum(-1, keepdim=True), xs.shape[-1])])
     w, secret = _weight_share(x, weight)
-    out = to_secret(_normalise_weighted(xs - mean, w, eps, secret))
+    out = _normalise_weighted(xs - mean, w, eps, secret).settle()
     return out if bias is None else out + bias

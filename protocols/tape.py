@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from protocols.compat import comm, crypten
-from protocols.dealer import FixedMaskProvider
+from protocols.dealer import FixedMaskProvider, outer_mask, outer_size, product_size
 from protocols.truncation import plain, udiv, wrap
 
 # CrypTen internals; protocols.compat (imported above) has already made CrypTen importable.
@@ -72,10 +72,8 @@ def _out_size(desc: Desc) -> tuple[int, ...]:
         return tuple(torch.broadcast_shapes(desc[1], desc[2]))
     if kind == "mul3":
         return tuple(torch.broadcast_shapes(desc[1], desc[2], desc[3]))
-    if kind == "fm_pair":
-        _, _, sa, sb, transpose, _ = desc
-        b = _meta(sb)
-        return tuple(torch.matmul(_meta(sa), b.transpose(-1, -2) if transpose else b).shape)
+    if kind in ("fm_pair", "fm_trunc"):  # (kind, key, size_a, size_b, transpose, ...)
+        return tuple(product_size(desc[2], desc[3], desc[4]))
     raise KeyError(kind)
 
 
@@ -94,6 +92,8 @@ def payload_sizes(desc: Desc) -> list[tuple[int, ...]]:
                 tuple(torch.broadcast_shapes(sb, sc)), _out_size(desc)]
     if kind == "trunc_mul":  # q, m of z; q·b, m·b of the product
         return [tuple(desc[1])] * 2 + [_out_size(desc)] * 2
+    if kind == "fm_trunc":  # q, m of z; q @ B; m ⊗ B
+        return [tuple(desc[2])] * 2 + [_out_size(desc), tuple(outer_size(desc[2], desc[3], desc[4]))]
     if kind == "lut":
         return [(*desc[1], 1 << desc[3])] * (2 if desc[4] else 1)
     if kind == "lut_tr":  # q, m of the multiplier; o, o·q, o·m
@@ -142,6 +142,8 @@ def draw(desc: Desc, gen: torch.Generator, party1: bool, device) -> list[torch.T
         return [ring(desc[2])]
     if kind == "fm_pair":
         return [ring(desc[2])] + ([ring(_out_size(desc))] if party1 else [])
+    if kind == "fm_trunc":  # r own; party 1 also (q, m, q @ B, m ⊗ B)
+        return [ring(desc[2])] + ([ring(s) for s in payload_sizes(desc)] if party1 else [])
     if kind == "fm_select":
         return []
     raise ValueError(f"unknown correlation kind {kind!r}")
@@ -402,6 +404,10 @@ class TapeProvider(TupleProvider, FixedMaskProvider):
         return (ArithmeticSharedTensor.from_shares(a, precision=0),
                 ArithmeticSharedTensor.from_shares(c, precision=0))
 
+    def trunc_pair(self, key, size_z, size_b, d, transpose, device=None):
+        return tuple(self._correlate(("fm_trunc", key, tuple(size_z), tuple(size_b), bool(transpose), int(d),
+                                      _dtype(device)), device))
+
     def select(self, key, new_key, dim, index):
         self._correlate(("fm_select", key, new_key, dim, tuple(int(i) for i in index.tolist())), None)
 
@@ -616,6 +622,14 @@ class TapeDealer:
             if key not in masks or tuple(masks[key].shape) != tuple(desc[3]):
                 return None
             return [_ring_matmul(p0[0] + p1[0], masks[key].to(dev), transpose) - p1[1]]
+        if kind == "fm_trunc":
+            _, key, _, size_b, transpose, d, _ = desc
+            if key not in masks or tuple(masks[key].shape) != tuple(size_b):
+                return None
+            r, b = p0[0] + p1[0], masks[key].to(dev)
+            q, m = udiv(r, d), (r < 0).long()
+            parts = [q, m, _ring_matmul(q, b, transpose), outer_mask(m, b, transpose)]
+            return [t - s for t, s in zip(parts, p1[1:])]
         if kind == "fm_select":
             _, key, new_key, dim, index_list = desc
             if key not in masks:

@@ -34,6 +34,8 @@ truncation (0 rounds, the hazard above) for comparison.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from protocols.compat import comm
@@ -221,6 +223,31 @@ def trunc_mul_step(z: torch.Tensor, d: int, y: torch.Tensor):
         return x, xy
 
     return Pending([opening(z, r), y - b], finish)
+
+
+class Untruncated(NamedTuple):
+    """A fixed-point secret whose last truncation is still to come: the value is ⌊[share]/d⌋ @2^16.
+
+    The consumer either fuses the truncation into its own opening (``protocols.fixed_mask.
+    trunc_matmul_step``: a product with a fixed-mask matrix in the truncation's round) or ``settle``s
+    it (1 round, ``16·n`` logged bytes)."""
+
+    share: torch.Tensor
+    d: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.share.shape
+
+    def settle(self):
+        """The truncated secret as an MPCTensor (1 round)."""
+        from protocols.rounds import to_secret
+        return to_secret(exact_div_many([(self.share, self.d)])[0])
+
+    def map(self, fn) -> Untruncated:
+        """The same pending truncation of ``fn(share)``; ``fn`` only rearranges elements (reshape,
+        transpose, slicing), which commutes with the element-wise truncation."""
+        return Untruncated(fn(self.share), self.d)
 
 
 def local_div_(x: ArithmeticSharedTensor, d: int | torch.Tensor) -> ArithmeticSharedTensor:

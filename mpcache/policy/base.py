@@ -24,6 +24,7 @@ from protocols.cost import Meter, NullMeter
 from protocols.fixed_mask import FixedMaskOperand, fixed_matmul
 from protocols.nonlinear import softmax
 from protocols.selection import onehot_gather, topk_onehot
+from protocols.truncation import Untruncated
 from protocols.types import Public, Secret
 
 class MPCPolicy:
@@ -35,8 +36,10 @@ class MPCPolicy:
         self.meter = meter or NullMeter()
 
     def attend(self, layer: int, q: Secret, cache: SecretKVCache, mask: Public | None,
-               partner: SecretKVCache | None = None) -> Secret:
-        """q (B, Hkv, G·S, D), mask (G·S, T) 0/1 or None -> attention output (B, Hkv, G·S, D)."""
+               partner: SecretKVCache | None = None) -> Secret | Untruncated:
+        """q (B, Hkv, G·S, D), mask (G·S, T) 0/1 or None -> attention output (B, Hkv, G·S, D), a
+        ``Secret`` or, from the look-up attention, ``Untruncated`` (the output projection fuses its
+        truncation)."""
         if mask is not None:  # prefill: the cache holds exactly the S prompt tokens
             assert cache.length == mask.shape[-1], (
                 f"layer {layer}: prefill over a non-empty cache ({cache.length} slots, mask {tuple(mask.shape)})")
@@ -44,7 +47,7 @@ class MPCPolicy:
         return self.decode(layer, q, cache, partner)
 
     def prefill(self, layer: int, q: Secret, cache: SecretKVCache, mask: Public,
-                partner: SecretKVCache | None) -> Secret:
+                partner: SecretKVCache | None) -> Secret | Untruncated:
         """Full causal attention over the prompt, then ``after_prefill`` on the window rows of [P]."""
         t0 = cache.length
         w = self.window(t0)
@@ -65,7 +68,7 @@ class MPCPolicy:
         """Act on the prompt cache once (e.g. static eviction); p_win (B, Hkv, G, W, T0), or None when
         W = 0 and, in the simulation prefill, on a layer that ``shares_with`` another."""
 
-    def decode(self, layer: int, q: Secret, cache: SecretKVCache, partner: SecretKVCache | None) -> Secret:
+    def decode(self, layer: int, q: Secret, cache: SecretKVCache, partner: SecretKVCache | None) -> Secret | Untruncated:
         out, _ = full_attention(q, cache, None, self.meter)
         return out
 
@@ -126,14 +129,15 @@ class StaticEviction(MPCPolicy):
                 "budget": round(attended / t, 4)}
 
 
-def full_attention(q: Secret, cache: SecretKVCache, mask: Public | None, meter: Meter, probs: bool = True
-                   ) -> tuple[Secret, Secret | None]:
+def full_attention(q: Secret, cache: SecretKVCache, mask: Public | None, meter: Meter, probs: bool = False
+                   ) -> tuple[Secret | Untruncated, Secret | None]:
     """softmax([q] [K]ᵀ, mask) [V] -> (out (B, Hkv, G·S, D), [P] (B, Hkv, G·S, T), or None unless ``probs``).
 
     Cost: two fixed-mask matmuls (open |q| + |P| elements) plus one softmax over T; with the look-up
     non-linears and fixed-mask K, V: ``protocols.lut_nonlinear.attention`` (3 rounds fewer: the
     normalisation after the value product, q·Kᵀ's truncation beside the max tree's first level),
-    metered as stage "softmax" as a whole.
+    metered as stage "softmax" as a whole; its output comes back ``Untruncated`` unless ``probs``
+    (the output projection fuses the last truncation: one round fewer).
     """
     if (active_config().nonlinear == "lut" and isinstance(cache.keys, FixedMaskOperand)
             and isinstance(cache.values, FixedMaskOperand)):

@@ -54,6 +54,7 @@ from protocols.config import active_config
 from protocols.nonlinear import softmax
 from protocols.selection import mul_public_int, topk_mask, topk_onehot, tree_max
 from protocols.similarity import cluster_minmax, representative_keys
+from protocols.truncation import Untruncated
 from protocols.types import Secret
 
 NOT_CANDIDATE = float(2**20)  # score penalty of a level-l cluster whose parent was not picked
@@ -263,7 +264,7 @@ class MPCache(StaticEviction):
             with self.meter.stage("kv_select"):
                 cache.aux["levels"] = build_summaries(cache.keys.secret, self.config.cluster_sizes)
 
-    def decode(self, layer: int, q: Secret, cache: SecretKVCache, partner: SecretKVCache | None) -> Secret:
+    def decode(self, layer: int, q: Secret, cache: SecretKVCache, partner: SecretKVCache | None) -> Secret | Untruncated:
         """Select clusters (or reuse ``partner.aux["selection"]``), keep the selection in
         ``cache.aux["selection"]``, attend the selected tokens."""
         cfg, t = self.config, cache.length

@@ -16,6 +16,7 @@ import torch
 
 from mpcache.cache import SecretKVCache
 from mpcache.policy.base import Meter, MPCPolicy, full_attention, register
+from protocols.truncation import Untruncated
 from protocols.types import Secret
 
 
@@ -39,7 +40,7 @@ class StreamingLLM(MPCPolicy):
                       partner: SecretKVCache | None) -> None:
         self._evict(cache)
 
-    def decode(self, layer: int, q: Secret, cache: SecretKVCache, partner: SecretKVCache | None) -> Secret:
+    def decode(self, layer: int, q: Secret, cache: SecretKVCache, partner: SecretKVCache | None) -> Secret | Untruncated:
         out, _ = full_attention(q, cache, None, self.meter)
         self._evict(cache)
         return out

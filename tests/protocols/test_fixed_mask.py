@@ -144,3 +144,51 @@ def test_fixed_matmul_bytes(provider, seed):
     assert p1["append"] == (0, 0), p1["append"]
     assert p1["append_product"] == (16 * (3 + 2) * D, 1), p1["append_product"]
     assert p1["append_read"] == (16 * 3 * D, 1), p1["append_read"]
+
+
+def _trunc_matmul_job(seed: int) -> dict:
+    """⌊z/d⌋ @ W (or Wᵀ) from the truncation's one opening (``trunc_matmul_step``) vs the plaintext."""
+    from protocols.compat import comm, crypten
+    from protocols.fixed_mask import FixedMaskOperand, append_all, trunc_matmul_step
+    from protocols.rounds import open_many, share_of, together
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def ints(shape, bits):
+        return ((torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * 2**bits).round().long()
+
+    out = {}
+    # (z shape, W shape, transpose, d, rows appended to W just before the product)
+    cases = [((1, 1, 64), (48, 64), True, 1 << 16, 0), ((3, 40), (40, 24), False, 1 << 32, 0),
+             ((2, 3, 1, 16), (2, 3, 9, 16), True, 12345, 2)]
+    for zs, ws, transpose, d, grow in cases:
+        z = ints(zs, 44 if d >= 1 << 16 else 40)
+        w = ints(ws, 16)
+        op = FixedMaskOperand(crypten.cryptensor(w.double(), src=1, precision=0), grow_dim=-2 if grow else None)
+        full = w
+        if grow:
+            rows = ints((*ws[:-2], grow, ws[-1]), 16)
+            append_all([(op, crypten.cryptensor(rows.double(), src=1, precision=0))])
+            full = torch.cat([w, rows], dim=-2)
+        zsh = share_of(crypten.cryptensor(z.double(), src=0, precision=0))
+        comm.get().reset_communication_stats()
+        (prod,) = together(trunc_matmul_step(zsh, d, op, transpose_w=transpose))
+        stats = dict(comm.get().get_communication_stats())
+        (got,) = open_many([prod])
+        x = torch.div(z, d, rounding_mode="floor")
+        wt = full.transpose(-1, -2) if transpose else full
+        err = (got - torch.matmul(x, wt)).abs()
+        bound = 2 * wt.abs().sum(-2, keepdim=True)  # each x_i within 2 of ⌊z_i/d⌋
+        out[str((zs, ws, transpose, d, grow))] = {
+            "ok": bool((err <= bound).all()), "max_err": int(err.max()), "rounds": stats["rounds"],
+            "bytes": stats["bytes"], "want_bytes": 16 * (z.numel() + (rows.numel() if grow else 0))}
+    return out
+
+
+@pytest.mark.parametrize("provider_name", ["TFP", "dealer"])
+def test_truncation_fused_with_fixed_matmul(provider_name, seed):
+    """⌊z/d⌋ @ W within the truncation's error (2 per element of ⌊z/d⌋), in 1 round and 16·|z| bytes
+    (+ 16·|rows| for rows appended to W, whose opening rides along); powers of two and d = 12345."""
+    for case, r in run_on(provider_name, _trunc_matmul_job, seed, timeout=300)[0].items():
+        assert r["ok"], (seed, case, r)
+        assert r["rounds"] == 1 and r["bytes"] == r["want_bytes"], (case, r)
