@@ -167,11 +167,16 @@ class MPCache(KVPolicy):
             scores = static_scores(attn)                                                  # (B, T0)
             if kv.valid is not None:
                 scores = scores.masked_fill(~kv.valid.all(dim=1), NEG)
-            idx = static_keep(scores, cfg.n_keep(t0))                                    # (B, K)
+            idx = self.keep(scores, cfg.n_keep(t0), ctx.layer_idx)                       # (B, K)
         b, hkv = kv.k.shape[:2]
         out = gather_kv(kv, idx[:, None, :].expand(b, hkv, idx.shape[-1]))
         out.aux[STATIC] = idx
         return out
+
+    def keep(self, scores: Tensor, n_keep: int, layer_idx: int) -> Tensor:
+        """The static set of a layer that selects: ``static_keep`` (a subclass may resolve ties
+        another way, e.g. a test replaying the MPC's choice at a fixed-point near-tie)."""
+        return static_keep(scores, n_keep)
 
     def select(self, ctx: StepCtx, kv: LayerKV) -> Tensor | None:
         """Dynamic selection before attention at decode (the partner's of this step if any): (B, Hkv, 1, T') bool."""

@@ -9,7 +9,8 @@
    runtime.generate with the twin, and teacher-forced logits within 1e-2 of the twin's (the random
    model's tokens barely depend on the cache; its logits do); the full budget == the full-cache tokens;
    prefill and decode open only the output tokens, to rank 0 (get_plain_text spied on, reveal_log).
-3. SmolLM2 (slow): teacher-forced greedy choices == the twin's at >= 99 % of positions.
+3. SmolLM2 (slow): teacher-forced greedy choices == the twin's at >= 99 % of positions; a static set may
+   differ from the twin's only at a fixed-point near-tie (opened in the test), which the twin then replays.
 """
 from __future__ import annotations
 
@@ -247,15 +248,32 @@ def test_tiny_llama_tokens_match_twin_and_full_budget():
 # ---- SmolLM2 (slow) ------------------------------------------------------------------------------
 SMOL = MPCacheConfig(static_keep=0.5, cluster_sizes=(16, 8), level_ratios=(0.5, 0.25))
 SMOL_NEW = 8
+# A static set may differ from the twin's only at a near-tie: every swapped pair's twin scores (Σ of
+# ≤ H·W = 180 window probabilities) within this of each other. The MPC's static scores on its own
+# (drifted) inputs lie within ≈ 1.5e-3 of the twin's at the top-K boundary on this prompt, where the
+# twin's boundary gaps go down to 6e-4 (layer 6), so the kept set there is a coin flip between runs.
+STATIC_TIE = 1e-2
 
 
-def _smollm2_forced_job(ids: list[int], forced: list[int]) -> list[int] | None:
-    """MPC MPCache on SmolLM2, teacher-forced on the twin's tokens: the MPC greedy choice per position."""
+def _smollm2_forced_job(ids: list[int], forced: list[int]) -> tuple[list[int], dict] | None:
+    """MPC MPCache on SmolLM2, teacher-forced on the twin's tokens: the MPC greedy choice per position,
+    and (AUDIT, test only: opened to both parties) the kept static set of every layer that selects."""
     from mpcache.generate import next_token, share_tokens
     from mpcache.model import ModelArgs
+    from mpcache.policy import MPCache
     from mpcache.session import PrivateSession
     from plaintext_ref.models import load_model
     from protocols.compat import comm
+
+    class Audited(MPCache):
+        def __init__(self, meter, config: MPCacheConfig) -> None:
+            super().__init__(meter, config)
+            self.kept: dict[int, list] = {}
+
+        def after_prefill(self, layer, cache, p_win, partner) -> None:
+            super().after_prefill(layer, cache, p_win, partner)
+            if partner is None and cache.aux["static"] is not None:
+                self.kept[layer] = cache.aux["static"].get_plain_text().argmax(-1).tolist()  # lists: picklable
 
     rank = comm.get().get_rank()
     hf, _, config = load_model("smollm2")
@@ -263,27 +281,58 @@ def _smollm2_forced_job(ids: list[int], forced: list[int]) -> list[int] | None:
     session = PrivateSession(hf.state_dict() if rank == 1 else None, args)
     del hf
     model, meter = session.model, session.meter
-    seq = session.sequence(session.policy("mpcache", config=SMOL))
+    policy = Audited(meter, SMOL)
+    seq = session.sequence(policy)
     n = len(ids)
     logits = model.forward(share_tokens(ids if rank == 0 else None, n, args.vocab_size), torch.arange(n), seq)
     got = [next_token(logits, frozenset(), meter)[1]]
     for i, tok in enumerate(forced[:-1]):
         x = share_tokens([tok] if rank == 0 else None, 1, args.vocab_size)
         got.append(next_token(model.forward(x, torch.tensor([n + i]), seq), frozenset(), meter)[1])
-    return got if rank == 0 else None
+    return (got, policy.kept) if rank == 0 else None
+
+
+class _TwinWithMPCStatic(twin.MPCache):
+    """The twin keeping the MPC's static set where the two differ only at a near-tie (``STATIC_TIE``);
+    records each layer's largest swapped-pair gap in ``gaps``."""
+
+    def __init__(self, config: MPCacheConfig, mpc_kept: dict[int, list]) -> None:
+        super().__init__(config=config)
+        self.mpc_kept, self.gaps = mpc_kept, {}
+
+    def keep(self, scores: torch.Tensor, n_keep: int, layer_idx: int) -> torch.Tensor:
+        own = super().keep(scores, n_keep, layer_idx)
+        mpc = torch.tensor(self.mpc_kept[layer_idx], device=own.device)
+        for b in range(own.shape[0]):
+            only_mpc = sorted(set(mpc[b].tolist()) - set(own[b].tolist()))
+            if only_mpc:
+                only_twin = sorted(set(own[b].tolist()) - set(mpc[b].tolist()))
+                gap = float(scores[b, only_twin].max() - scores[b, only_mpc].min())
+                self.gaps[layer_idx] = max(self.gaps.get(layer_idx, 0.0), gap)
+        return mpc
 
 
 @pytest.mark.slow
 def test_smollm2_matches_twin_positions():
+    """MPC greedy choices == the twin's at >= 99 % of teacher-forced positions, the twin replaying the MPC's
+    static set at each fixed-point near-tie (any other difference of a static set fails)."""
     from plaintext_ref.models import load_model
     from plaintext_ref.runtime import generate as plain_generate
+    from plaintext_ref.runtime import teacher_forced_logits
 
     hf, tok, _ = load_model("smollm2")
     ids = tok(PROMPT)["input_ids"][:100]
     want = plain_generate(hf, torch.tensor([ids]), twin.MPCache(config=SMOL), max_new_tokens=SMOL_NEW,
                           eos_token_id=[])[0, len(ids):].tolist()
-    got = run_parties(_smollm2_forced_job, ids, want, timeout=3000)[0]
-    match = sum(g == w for g, w in zip(got, want)) / len(want)
-    log.info("SmolLM2 MPCache vs twin (teacher-forced): %.1f%% of %d positions match (%s vs %s)",
-             100 * match, len(want), got, want)
-    assert match >= 0.99, f"only {match:.1%} of positions match: MPC {got} vs twin {want}"
+    got, mpc_kept = run_parties(_smollm2_forced_job, ids, want, timeout=3000)[0]
+    assert sorted(mpc_kept) == [l for l in range(30) if SMOL.shares_with(l) is None], sorted(mpc_kept)
+    ref = _TwinWithMPCStatic(SMOL, mpc_kept)
+    logits = teacher_forced_logits(hf, torch.tensor([ids + want]), len(ids), ref)[0]
+    expect = logits.argmax(-1).tolist()
+    log.info("static sets that differ from the twin's (largest swapped gap per layer): %s", ref.gaps)
+    assert max(ref.gaps.values(), default=0.0) < STATIC_TIE, f"static sets differ beyond a near-tie: {ref.gaps}"
+    match = sum(g == w for g, w in zip(got, expect)) / len(expect)
+    top2 = logits.topk(2, dim=-1).values
+    log.info("SmolLM2 MPCache vs twin (teacher-forced): %.1f%% of %d positions match (%s vs %s; margins %s)",
+             100 * match, len(expect), got, expect, (top2[:, 0] - top2[:, 1]).tolist())
+    assert match >= 0.99, f"only {match:.1%} of positions match: MPC {got} vs twin {expect}"
