@@ -78,6 +78,12 @@ class ProtocolConfig:
         Softmax, the norms and SiLU: ``"lut"`` = ``protocols.lut_nonlinear`` (one-round table
         look-ups: softmax ⌈log2 n⌉ + 10 rounds, a norm 7, SiLU 3; its own exact truncations whatever
         ``truncation`` says); ``"poly"`` = the comparison/Newton versions of ``protocols.nonlinear``.
+    trunc_matmul_limit : int, default 2^22
+        Largest m ⊗ B correlation (elements, |z|·J) for which a truncation is fused with the
+        fixed-mask product it feeds (``protocols.fixed_mask.trunc_matmul_step``: one round fewer per
+        product); 0 never fuses. The fused SmolLM2 decode token is 899 rounds and 16.9 MB instead of
+        1,018 and 18.5, but its ≈ 3.5 M m ⊗ B entries per layer are dealer (or TFP) work: on a 2-core
+        CPU 26.4 s per token instead of 20.0 (``benchmarks/reports/secure_inference.md``).
     """
 
     precision_bits: int = 16
@@ -101,6 +107,7 @@ class ProtocolConfig:
     mask_fill: float = 1024.0
     truncation: str = "exact"
     nonlinear: str = "lut"
+    trunc_matmul_limit: int = 1 << 22
 
     def __post_init__(self) -> None:
         _check(8 <= self.precision_bits <= 30, "precision_bits must be in [8, 30]", self.precision_bits)
@@ -120,6 +127,7 @@ class ProtocolConfig:
         _check(0 <= self.norm_ms_gain_log2 <= self.precision_bits // 2,
                "norm_ms_gain_log2 must be in [0, precision_bits // 2] (4^g divides the scale)",
                self.norm_ms_gain_log2)
+        _check(self.trunc_matmul_limit >= 0, "trunc_matmul_limit must be >= 0", self.trunc_matmul_limit)
         _check(self.norm_switch > 0, "norm_switch must be > 0", self.norm_switch)
         gain = 4.0**self.norm_ms_gain_log2
         for name, ms in (("norm_fine_octaves", gain * 4.0**self.norm_fine_log2 * self.norm_switch),

@@ -38,6 +38,7 @@ import weakref
 import torch
 
 from protocols.compat import MPCTensor, comm, crypten
+from protocols.config import active_config
 from protocols.dealer import fixed_mask_provider, outer_size, product_size
 from protocols.truncation import Untruncated, _check_divisor, opening, plain, truncated, wrap
 from protocols.types import Public, Secret
@@ -304,15 +305,13 @@ def matmul_step(x: torch.Tensor, w: FixedMaskOperand, *, transpose_w: bool = Fal
     return Pending(appends.opens + [x - plain(a.share)], finish)
 
 
-TRUNC_MATMUL_LIMIT = 1 << 22  # largest m ⊗ B correlation (elements) ``trunc_matmul_step`` is used for
-
-
 def fuses_truncation(x: Untruncated, w: Operand, *, transpose_w: bool = False) -> bool:
     """Whether ``[⌊z/d⌋] @ [W]`` runs as ``trunc_matmul_step``: a fixed-mask W and an m ⊗ B correlation
-    (|z|·J elements: a SmolLM2 decode token's largest is 576·3072) within ``TRUNC_MATMUL_LIMIT`` (a
-    32-token prefill or the LM head would need 10–28M per product: they settle the truncation first).
-    Public: a function of the shapes."""
-    return isinstance(w, FixedMaskOperand) and outer_size(x.share.size(), w.shape, transpose_w).numel() <= TRUNC_MATMUL_LIMIT
+    (|z|·J elements: a SmolLM2 decode token's largest is 576·3072) within ``ProtocolConfig.trunc_matmul_limit``
+    (default 2^22: a 32-token prefill or the LM head would need 10–28M per product, so they settle the
+    truncation first). Public: a function of the shapes and the config."""
+    limit = active_config().trunc_matmul_limit
+    return isinstance(w, FixedMaskOperand) and outer_size(x.share.size(), w.shape, transpose_w).numel() <= limit
 
 
 def trunc_matmul_step(z: torch.Tensor, d: int, w: FixedMaskOperand, *, transpose_w: bool = False):

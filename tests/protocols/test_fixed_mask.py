@@ -149,8 +149,10 @@ def test_fixed_matmul_bytes(provider, seed):
 def _trunc_matmul_job(seed: int) -> dict:
     """⌊z/d⌋ @ W (or Wᵀ) from the truncation's one opening (``trunc_matmul_step``) vs the plaintext."""
     from protocols.compat import comm, crypten
-    from protocols.fixed_mask import FixedMaskOperand, append_all, trunc_matmul_step
+    from protocols.config import ProtocolConfig, protocol_context
+    from protocols.fixed_mask import FixedMaskOperand, append_all, fuses_truncation, trunc_matmul_step
     from protocols.rounds import open_many, share_of, together
+    from protocols.truncation import Untruncated
 
     gen = torch.Generator().manual_seed(seed)
 
@@ -171,6 +173,11 @@ def _trunc_matmul_job(seed: int) -> dict:
             append_all([(op, crypten.cryptensor(rows.double(), src=1, precision=0))])
             full = torch.cat([w, rows], dim=-2)
         zsh = share_of(crypten.cryptensor(z.double(), src=0, precision=0))
+        size = z.numel() * full.shape[-2 if transpose else -1]  # |z|·J
+        fuses = {}
+        for limit in (0, size - 1, size):  # ProtocolConfig.trunc_matmul_limit bounds |z|·J
+            with protocol_context(ProtocolConfig(trunc_matmul_limit=limit)):
+                fuses[limit] = fuses_truncation(Untruncated(zsh, d), op, transpose_w=transpose)
         comm.get().reset_communication_stats()
         (prod,) = together(trunc_matmul_step(zsh, d, op, transpose_w=transpose))
         stats = dict(comm.get().get_communication_stats())
@@ -181,7 +188,8 @@ def _trunc_matmul_job(seed: int) -> dict:
         bound = 2 * wt.abs().sum(-2, keepdim=True)  # each x_i within 2 of ⌊z_i/d⌋
         out[str((zs, ws, transpose, d, grow))] = {
             "ok": bool((err <= bound).all()), "max_err": int(err.max()), "rounds": stats["rounds"],
-            "bytes": stats["bytes"], "want_bytes": 16 * (z.numel() + (rows.numel() if grow else 0))}
+            "bytes": stats["bytes"], "want_bytes": 16 * (z.numel() + (rows.numel() if grow else 0)),
+            "fuses": [fuses[0], fuses[size - 1], fuses[size]]}
     return out
 
 
@@ -192,3 +200,4 @@ def test_truncation_fused_with_fixed_matmul(provider_name, seed):
     for case, r in run_on(provider_name, _trunc_matmul_job, seed, timeout=300)[0].items():
         assert r["ok"], (seed, case, r)
         assert r["rounds"] == 1 and r["bytes"] == r["want_bytes"], (case, r)
+        assert r["fuses"] == [False, False, True], (case, r["fuses"])  # limit 0 never fuses
