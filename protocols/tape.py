@@ -98,6 +98,8 @@ def payload_sizes(desc: Desc) -> list[tuple[int, ...]]:
         return [(*desc[1], 1 << desc[3])] * (2 if desc[4] else 1)
     if kind == "lut_tr":  # q, m of the multiplier; o, o·q, o·m
         return [tuple(desc[1])] * 2 + [(*desc[1], 1 << desc[3])] * 3
+    if kind == "cmp":  # the digit one-hots, ρ_top
+        return [(*desc[1], sum(1 << k for k in desc[2])), tuple(desc[1])]
     return []  # fm_mask, fm_select: state only
 
 
@@ -138,6 +140,8 @@ def draw(desc: Desc, gen: torch.Generator, party1: bool, device) -> list[torch.T
         _, size, _, bits, mult, _ = desc
         n = 2 if mult else 1
         return [ring(size) for _ in range(n)] + ([ring((*size, 1 << bits)) for _ in range(n)] if party1 else [])
+    if kind == "cmp":  # r own; party 1 also (digit one-hots, ρ_top)
+        return [ring(desc[1])] + ([ring(t) for t in payload_sizes(desc)] if party1 else [])
     if kind == "fm_mask":
         return [ring(desc[2])]
     if kind == "fm_pair":
@@ -444,6 +448,11 @@ class TapeProvider(TupleProvider, FixedMaskProvider):
         (``protocols.lut``, truncated multipliers)."""
         return tuple(self._correlate(("lut_tr", tuple(size), int(shift), int(bits), int(d), _dtype(device)), device))
 
+    # -- comparison digits (protocols.compare)
+    def cmp(self, size, widths, device=None) -> tuple[torch.Tensor, ...]:
+        """(r, digit one-hots of r mod 2^B, bit B of r) shares for an exact comparison (``protocols.compare``)."""
+        return tuple(self._correlate(("cmp", tuple(size), tuple(int(k) for k in widths), _dtype(device)), device))
+
     @staticmethod
     def _init():
         TTPClient._init()
@@ -607,6 +616,9 @@ class TapeDealer:
                 return [onehot - p1[1]]
             beta = p0[1] + p1[1]
             return [onehot - p1[2], onehot * beta.unsqueeze(-1) - p1[3]]
+        if kind == "cmp":
+            from protocols.compare import digit_onehots
+            return [t - u for t, u in zip(digit_onehots(p0[0] + p1[0], desc[2]), p1[1:])]
         if kind == "fm_mask":
             _, key, _, dim, _ = desc
             b = p0[0] + p1[0]
