@@ -114,6 +114,8 @@ def ge_zero_many(items: Sequence[tuple[torch.Tensor, torch.Tensor | None]], bits
                  ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Shares of ``([x ≥ 0], [x ≥ 0]·w)`` (the second None without a multiplier) for every
     (plain int64 share x, multiplier share w or None), all in the same 2 rounds; |x| < 2^bits."""
+    if all(x.numel() == 0 for x, _ in items):  # nothing to compare: no round
+        return [(x.clone(), None if w is None else w.clone()) for x, w in items]
     widths = digit_widths(bits)
     d, modulus = len(widths), 1 << (bits + 1)
     rank = comm.get().get_rank()

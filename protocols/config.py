@@ -78,6 +78,11 @@ class ProtocolConfig:
         Softmax, the norms and SiLU: ``"lut"`` = ``protocols.lut_nonlinear`` (one-round table
         look-ups: softmax ⌈log2 n⌉ + 10 rounds, a norm 7, SiLU 3; its own exact truncations whatever
         ``truncation`` says); ``"poly"`` = the comparison/Newton versions of ``protocols.nonlinear``.
+    comparison : str, default "digits"
+        The decode-time selection's comparisons (``protocols.selection``: ``maximum``, the pairwise
+        top-k, the by-position one-hots): ``"digits"`` = ``protocols.compare`` (exact, 2 rounds, 32
+        logged bytes per element, ≈ 1.4 k dealer elements each) with exact one-round look-ups of the
+        ranks and slots; ``"crypten"`` = CrypTen's comparison (8 rounds, 432 bytes) and A2B one-hots.
     trunc_matmul_limit : int, default 2^22
         Largest m ⊗ B correlation (elements, |z|·J) for which a truncation is fused with the
         fixed-mask product it feeds (``protocols.fixed_mask.trunc_matmul_step``: one round fewer per
@@ -107,6 +112,7 @@ class ProtocolConfig:
     mask_fill: float = 1024.0
     truncation: str = "exact"
     nonlinear: str = "lut"
+    comparison: str = "digits"
     trunc_matmul_limit: int = 1 << 22
 
     def __post_init__(self) -> None:
@@ -140,6 +146,7 @@ class ProtocolConfig:
         _check(self.mask_fill > 0, "mask_fill must be > 0", self.mask_fill)
         _check(self.truncation in ("exact", "local"), 'truncation must be "exact" or "local"', self.truncation)
         _check(self.nonlinear in ("lut", "poly"), 'nonlinear must be "lut" or "poly"', self.nonlinear)
+        _check(self.comparison in ("digits", "crypten"), 'comparison must be "digits" or "crypten"', self.comparison)
         _check(self.nonlinear == "poly" or self.precision_bits == 16,
                'nonlinear="lut" needs precision_bits=16 (its tables are built for that scale)', self.nonlinear)
 

@@ -7,16 +7,27 @@ is. ``reveal_to`` is the one audited way to open a secret.
 
 Cost notation: one secure comparison ``cmp`` = 8 rounds and 432 logged bytes per element per party
 (CrypTen A2B adder + B2A, measured); one Beaver product ``mul`` = 1 round, 32 bytes per element.
+With ``ProtocolConfig.comparison = "digits"`` (the default) the decode-time selection (``maximum``, the
+pairwise top-k and the by-position one-hots) runs on ``protocols.compare`` (an exact comparison in 2
+rounds, 32 bytes per element) and exact one-round look-ups of small integers (``protocols.lut``):
+a pairwise top-k one-hot in 4 rounds instead of 2·9 + 9 + ⌈log2 k⌉. The bitonic path (n > ``PAIRWISE_MAX``,
+static eviction over the prompt) and the knockout trees keep CrypTen's comparisons: their volume
+(≈ n·log²n elements) would make the one-hot digits' dealer material (≈ 1.4 k elements each) dominate.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
 import torch
 
 from protocols.compat import comm, crypten
+from protocols.compare import ge_zero_many
+from protocols.config import active_config
 from protocols.fixed_mask import FixedMaskOperand, fixed_matmul
+from protocols.lut import Request, Table, lookup_many
+from protocols.rounds import share_of, to_secret
 from protocols.types import Public, Secret
 
 logger = logging.getLogger(__name__)
@@ -59,6 +70,25 @@ def mul_public_int(x: Secret, m: Public) -> Secret:
     out = x.clone()
     out.share = out.share * torch.as_tensor(m, device=out.share.device).long()
     return out
+
+
+def _digits() -> bool:
+    return active_config().comparison == "digits"
+
+
+def maximum(a: Secret, b: Secret) -> Secret:
+    """``max([a], [b])`` element-wise: ``[b] + [a − b ≥ 0]·([a] − [b])`` (the selected value is a or b
+    exactly). Digits (``protocols.compare``): 2 rounds, 48 logged bytes per element, domain
+    |a − b| < 2^16 at scale 2^16 (raw 2^32); CrypTen: cmp + mul, 9 rounds."""
+    d = a - b
+    if not _digits():
+        return b + d.ge(0) * d
+    ((_, prod),) = ge_zero_many([(share_of(d), share_of(d))], 16 + _frac_bits(d))
+    return b + to_secret(prod, precision=_frac_bits(d))
+
+
+def _frac_bits(x: Secret) -> int:
+    return int(math.log2(x.encoder.scale))
 
 
 def _pad_last(x: Secret, n_pad: int) -> Secret:
@@ -208,16 +238,21 @@ def _sorted_keys(key: Secret) -> Secret:
     return _bitonic_sort_desc(crypten.cat([key, pad], dim=-1))
 
 
-def _pairwise_rank(key: Secret) -> Secret:
+def _pairwise_rank(key: Secret, bits: int | None = None) -> Secret:
     """``[r_i] = #{j : key_j > key_i}`` (scale-1 integers) for distinct keys along the last dim.
 
     One batched comparison ``[c_p] = [key_i ≥ key_j]`` per unordered pair p = (i < j); then, locally,
     j beats i iff (j < i and c_(j,i)) or (j > i and not c_(i,j)): a public gather of [c ‖ 1 − c ‖ 0]
-    into an (n, n) matrix summed over j. Cost: n(n−1)/2 comparisons (9 rounds). Exact.
+    into an (n, n) matrix summed over j. Cost: n(n−1)/2 comparisons: CrypTen's (9 rounds), or with
+    ``bits`` (|key_i − key_j| < 2^bits raw) ``protocols.compare`` (2 rounds, 32 bytes each). Exact.
     """
     n = key.size(-1)
     first, second = torch.triu_indices(n, n, 1, device=key.device)  # pairs p = (i < j)
-    c = key[..., first].ge(key[..., second])  # (..., P), scale-1 bits
+    if bits is None:
+        c = key[..., first].ge(key[..., second])  # (..., P), scale-1 bits
+    else:
+        ((ge, _),) = ge_zero_many([(share_of(key[..., first] - key[..., second]), None)], bits)
+        c = to_secret(ge, precision=0)
     beats = crypten.cat([c, 1 - c, key[..., :1] * 0], dim=-1)  # (..., 2P + 1), scale 1 (c's encoder)
     n_pairs = first.numel()
     pair = torch.full((n, n), 2 * n_pairs, dtype=torch.long, device=key.device)  # diagonal: the 0
@@ -227,20 +262,63 @@ def _pairwise_rank(key: Secret) -> Secret:
     return beats[..., pair.view(-1)].view(*key.size(), n).sum(-1)
 
 
-def _top_mask(key: Secret, k: int) -> Secret:
+@functools.lru_cache(maxsize=None)
+def _below_table(n: int, k: int) -> Table:
+    """[v < k] for the integers v ∈ [0, N), N = 2^⌈log2 n⌉ ≥ 2 (exact: step 1)."""
+    size = 1 << max(1, math.ceil(math.log2(n)))
+    return Table(0, 0, (torch.arange(size) < k).long().unsqueeze(0))
+
+
+@functools.lru_cache(maxsize=None)
+def _slot_table(k: int) -> Table:
+    """Rows r < k of [v = 2r + 1] for v ∈ [0, 2^⌈log2(2k + 1)⌉) (exact: step 1)."""
+    size = 1 << math.ceil(math.log2(2 * k + 1))
+    return Table(0, 0, (torch.arange(size) == 2 * torch.arange(k).unsqueeze(1) + 1).long())
+
+
+def _rank_below(rank: Secret, k: int) -> Secret:
+    """``[r_i < k]`` for exact integer ranks in [0, n): one exact look-up (1 round, 16 B per element)."""
+    ((below, _),) = lookup_many([Request(share_of(rank), _below_table(rank.size(-1), k))])
+    return to_secret(below[0], precision=0)
+
+
+def _slots_by_position(mask: Secret, k: int) -> Secret:
+    """One-hot rows ``[E]`` (..., k, n) of a 0/1 mask with exactly k ones, in position order.
+
+    u_i = 2·Σ_{j ≤ i} m_j − m_i is odd (2r + 1, r the slot) exactly where m_i = 1 and even elsewhere
+    (local), so E[r, i] = [u_i = 2r + 1]: one exact look-up with k table rows (1 round, 16 B per element)."""
+    u = share_of(mask.cumsum(-1)) * 2 - share_of(mask)
+    ((rows, _),) = lookup_many([Request(u, _slot_table(k))])
+    return to_secret(rows.movedim(0, -2), precision=0)
+
+
+def _top_mask(key: Secret, k: int, bits: int | None = None) -> Secret:
     """0/1 ``[m]`` (scale 1) of the k largest distinct keys along the last dim: pairwise ranks
-    ``[r_i < k]`` for n ≤ ``PAIRWISE_MAX``, else the bitonic k-th key ``τ`` and ``[key_i ≥ τ]``."""
+    ``[r_i < k]`` for n ≤ ``PAIRWISE_MAX`` (digits with ``bits``: ``_rank_below``), else the bitonic
+    k-th key ``τ`` and ``[key_i ≥ τ]`` (CrypTen's comparisons)."""
     if key.size(-1) <= PAIRWISE_MAX:
-        return _pairwise_rank(key).lt(k)
+        rank = _pairwise_rank(key, bits)
+        return rank.lt(k) if bits is None else _rank_below(rank, k)
     return (key - _sorted_keys(key)[..., k - 1: k]).ge(0)
+
+
+RANK_VALUE_LOG2 = 13  # digits path: the pairwise top-k's inputs need |x| < 2^13
+
+
+def _rank_bits(x: Secret) -> int | None:
+    """``protocols.compare``'s bound for the distinct keys of x (|x| < 2^13), or None (CrypTen)."""
+    if not _digits():
+        return None
+    return RANK_VALUE_LOG2 + 1 + _frac_bits(x) + max(1, math.ceil(math.log2(x.size(-1))))
 
 
 def topk_mask(x: Secret, k: int, dim: int = -1) -> Secret:
     """0/1 ``[m]`` with exactly ``k`` ones at the k largest entries of ``[x]`` along ``dim``.
 
     Steps: 1. distinct keys ``x·2^b − i`` (local; ties → lower index wins). 2. n ≤ ``PAIRWISE_MAX``:
-    ``[m_i] = [#{j : key_j > key_i} < k]`` from all n(n−1)/2 pairwise comparisons (2 comparison
-    rounds: 18 rounds, ≈ 432·(n(n−1)/2 + n) bytes per row). Larger n: bitonic sort of the keys,
+    ``[m_i] = [#{j : key_j > key_i} < k]`` from all n(n−1)/2 pairwise comparisons (CrypTen: 2
+    comparison rounds, 18 rounds, ≈ 432·(n(n−1)/2 + n) bytes per row; digits: 2 + 1 rounds,
+    32·n(n−1)/2 + 16·n bytes per row, domain |x| < 2^13). Larger n: bitonic sort of the keys,
     padded to n_pad = 2^⌈log2 n⌉ with public keys below every real one, ``[τ]`` = the k-th sorted
     key, ``[m_i] = [key_i ≥ τ]``: L = log2 n_pad, (L(L+1)/2 + 1)·9 rounds (n = 256: 333, n = 8192:
     828), bytes ≈ (L(L+1)/4·464 + 432)·n_pad per row (n = 8192: 21 MB per row).
@@ -248,20 +326,21 @@ def topk_mask(x: Secret, k: int, dim: int = -1) -> Secret:
     """
     xt = _last(x, dim)
     _check_k(k, xt.size(-1))
-    return _unlast(_top_mask(_distinct_keys(xt), k), dim, x)
+    return _unlast(_top_mask(_distinct_keys(xt), k, _rank_bits(xt)), dim, x)
 
 
 def topk_onehot(x: Secret, k: int, dim: int = -1, *, sort_by_index: bool = True) -> Secret:
     """One-hot rows ``[E]`` (..., k, n) of the k largest entries of ``[x]`` along ``dim``.
 
     ``sort_by_index=True``: rows in ascending position (order-preserving compaction, cluster
-    adjacency): ``[m]`` = the top-k mask (as ``topk_mask``); ``[p] = cumsum([m]) − 1`` (local);
-    bits of ``[p]`` (A2B); ``E[r, i] = [m_i]·[p_i = r]`` as a tensor product of the T = ⌈log2 k⌉ bits.
+    adjacency): ``[m]`` = the top-k mask (as ``topk_mask``); digits: ``_slots_by_position`` (1 round);
+    CrypTen: ``[p] = cumsum([m]) − 1`` (local), bits of ``[p]`` (A2B), ``E[r, i] = [m_i]·[p_i = r]`` as
+    a tensor product of the T = ⌈log2 k⌉ bits.
     ``sort_by_index=False``: rows by descending value (always a bitonic sort): the low b bits of the
     first k sorted keys are the indices; their one-hots over n by the same tensor product.
     ``dim`` must be the last dim (rows are added before it).
-    Public: shape, k. Cost: the mask + 8 (A2B) + 1 (B2A) + T rounds; ≈ 2·2^T·n products per row
-    (by position), or ≈ 2·n_pad·k (by value). Error: exact (0/1, scale 1).
+    Public: shape, k. Cost: the mask + 1 (digits) or + 8 (A2B) + 1 (B2A) + T rounds, ≈ 2·2^T·n
+    products per row (by position); ≈ 2·n_pad·k (by value). Error: exact (0/1, scale 1).
     """
     if dim not in (-1, x.dim() - 1):
         raise ValueError("topk_onehot works on the last dim")
@@ -269,7 +348,9 @@ def topk_onehot(x: Secret, k: int, dim: int = -1, *, sort_by_index: bool = True)
     _check_k(k, n)
     key = _distinct_keys(x)
     if sort_by_index:
-        mask = _top_mask(key, k)  # (..., n)
+        mask = _top_mask(key, k, _rank_bits(x))  # (..., n)
+        if _digits():
+            return _slots_by_position(mask, k)
         pos = mask.cumsum(-1) - 1
         n_bits = max(1, math.ceil(math.log2(k)))
         rows = _onehot_from_bits(_index_bits(pos, n_bits), gate=mask)  # (..., n, 2^T)

@@ -52,7 +52,7 @@ from protocols.compat import crypten
 from protocols.fixed_mask import FixedMaskOperand, fixed_matmul
 from protocols.config import active_config
 from protocols.nonlinear import softmax
-from protocols.selection import mul_public_int, topk_mask, topk_onehot, tree_max
+from protocols.selection import maximum, mul_public_int, topk_mask, topk_onehot, tree_max
 from protocols.similarity import cluster_minmax, representative_keys
 from protocols.truncation import Untruncated
 from protocols.types import Secret
@@ -108,13 +108,14 @@ def build_summaries(k: Secret, sizes: tuple[int, ...]) -> Summaries:
 
 def update_summaries(levels: Summaries, k_new: Secret, t: int, sizes: tuple[int, ...]) -> Summaries:
     """After appending token ``t`` (0-based) with [k_new] (B, Hkv, 1, D): a new cluster starts (free)
-    or the last one takes min/max with k_new; all levels in one batched comparison (2·D per level)."""
+    or the last one takes min/max with k_new; all levels in one batched ``maximum`` (2·D per level;
+    2 rounds with digit comparisons, keys |k| < 2^15)."""
     grow = [l for l, s in enumerate(sizes) if t % s]
     out = list(levels)
     if grow:
         last = crypten.stack([x for l in grow for x in (-levels[l][0][..., -1:, :], levels[l][1][..., -1:, :])])
         new = crypten.stack([x for _ in grow for x in (-k_new, k_new)])
-        upd = new + last.ge(new) * (last - new)  # (2·|grow|, B, Hkv, 1, D)
+        upd = maximum(last, new)  # (2·|grow|, B, Hkv, 1, D)
         for i, l in enumerate(grow):
             rmin, rmax = levels[l]
             out[l] = (crypten.cat([rmin[..., :-1, :], -upd[2 * i]], dim=-2),

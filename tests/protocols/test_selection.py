@@ -108,3 +108,45 @@ def test_reveal_to_one_party_is_counted():
     assert r0[0] == [None] and r1[0] == [[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]]
     assert r0[1] == r1[1] == 1
     assert r0[2][:1] == [(1, (6,))]
+
+
+def _digit_costs() -> dict:
+    from protocols import selection as sel
+    from protocols.compat import comm, crypten
+
+    out = {}
+    for n, k in ((2, 1), (37, 7), (75, 15)):
+        x = crypten.cryptensor(torch.randn(3, n), src=0)
+        for name, fn in (("mask", lambda: sel.topk_mask(x, k)), ("onehot", lambda: sel.topk_onehot(x, k))):
+            comm.get().reset_communication_stats()
+            fn()
+            stats = comm.get().get_communication_stats()
+            out[(name, n, k)] = (stats["rounds"], stats["bytes"])
+    a, b = (crypten.cryptensor(torch.randn(4, 64), src=0) for _ in range(2))
+    comm.get().reset_communication_stats()
+    sel.maximum(a, b)
+    stats = comm.get().get_communication_stats()
+    out["maximum"] = (stats["rounds"], stats["bytes"])
+    return out
+
+
+def test_digit_selection_cost_formula():
+    """Digit comparisons: the pairwise top-k mask in 2 + 1 rounds (32 B per pair, 16 per entry, per row),
+    its by-position one-hot 1 round more (16 B per entry); ``maximum`` 2 rounds, 48 B per element."""
+    got = run_on("TFP", _digit_costs)[0]
+    for (name, n, k), cost in ((key, v) for key, v in got.items() if key != "maximum"):
+        pairs = n * (n - 1) // 2
+        want_bytes = 3 * (32 * pairs + 16 * n) + (3 * 16 * n if name == "onehot" else 0)
+        assert cost == (3 + (name == "onehot"), want_bytes), (name, n, k, cost)
+    assert got["maximum"] == (2, 48 * 4 * 64), got["maximum"]
+
+
+def test_selection_with_crypten_comparisons(seed):
+    """The ``comparison="crypten"`` path (the cost baseline) still selects exactly."""
+    _check(run_on("TFP", _with_config, seed, CASES[:6], timeout=300)[0], seed)
+
+
+def _with_config(seed, cases):
+    from protocols.config import ProtocolConfig, protocol_context
+    with protocol_context(ProtocolConfig(comparison="crypten")):
+        return _job(seed, cases)
