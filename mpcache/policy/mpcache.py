@@ -9,7 +9,7 @@ order; [K] ← [E][K], [V] ← [E][V], once per layer. Generated tokens are neve
 per-channel [r_min], [r_max] (built once after the eviction; afterwards only the newest cluster of each
 level changes); [score_c] = q_kv·[k̃_c], k̃ = α r_max + (1−α) r_min (one dot product per cluster).
 Level 0 ranks the middle clusters (sink 0 and local C−1 are forced publicly, so they never duplicate a
-pick): [m] = top-k0 mask. Level l ranks its middle clusters with score + (cand − 1)·2^20, cand = 1 for
+pick): [m] = top-k0 mask. Level l ranks its middle clusters with score + (cand − 1)·2^12, cand = 1 for
 children of level-(l−1) picks (local: [m] is linear); the finest level gives one-hot rows [O]
 (k × C_mid) in cluster order. (3) Layer ℓ with cfg.shares_with(ℓ) = ℓ−1 reuses ℓ−1's [E] and [O].
 
@@ -57,7 +57,10 @@ from protocols.similarity import cluster_minmax, representative_keys
 from protocols.truncation import Untruncated
 from protocols.types import Secret
 
-NOT_CANDIDATE = float(2**20)  # score penalty of a level-l cluster whose parent was not picked
+# Score penalty of a level-l cluster whose parent was not picked: it must exceed the spread of real
+# scores (|score| < 2^11) and keep every biased score inside the pairwise top-k's digit-comparison
+# domain (|x| < 2^13, ``protocols.selection.RANK_VALUE_LOG2``).
+NOT_CANDIDATE = float(2**12)
 
 
 def pad_logit() -> float:
@@ -146,7 +149,7 @@ class Selection:
 
 def _candidate_bias(parent: Secret | None, prange: tuple[int, int], fan: int, rng: tuple[int, int],
                     like: Secret) -> Secret:
-    """(cand − 1)·2^20 for the middle clusters ``rng`` of a level, cand = parent picked (local).
+    """(cand − 1)·2^12 for the middle clusters ``rng`` of a level, cand = parent picked (local).
 
     Children of forced parents are public candidates (bias 0); children of middle parents take the
     parent's secret [m]; when the parent level picked nothing by top-k they are never candidates.
@@ -160,7 +163,7 @@ def _candidate_bias(parent: Secret | None, prange: tuple[int, int], fan: int, rn
         return bias
     idx = (parents - plo).clamp(0, max(phi - plo - 1, 0))
     gated = mul_public_int(parent[..., idx], secret_parent.long() * int(NOT_CANDIDATE * like.encoder.scale))
-    gated.encoder = like.encoder  # raw m·2^20·scale read at the score's scale: m·2^20
+    gated.encoder = like.encoder  # raw m·2^12·scale read at the score's scale: m·2^12
     return bias + gated
 
 
