@@ -34,9 +34,8 @@ import torch
 from protocols.compat import comm
 from protocols.dealer import TrustedFirstPartyMasks, fixed_mask_provider
 from protocols.lut import Request, Table, lookup_many
-from protocols.rounds import add_public, open_many, share_of, to_secret
+from protocols.rounds import add_public, open_many
 from protocols.truncation import plain
-from protocols.types import Secret
 
 # CrypTen internals; protocols.compat (imported above) has already made CrypTen importable.
 from crypten.common.rng import generate_random_ring_element
@@ -54,7 +53,7 @@ def digit_widths(bits: int) -> tuple[int, ...]:
     best = None
     for d in range(math.ceil(bits / MAX_DIGIT_BITS), min(bits, 8) + 1):
         widths = tuple(bits // d + (j < bits % d) for j in range(d))
-        cost = sum(1 << k for k in widths) + (1 << math.ceil(math.log2(2 * 3**d)))
+        cost = sum(1 << k for k in widths) + (1 << _carry_bits(d))
         if best is None or cost < best[0]:
             best = (cost, widths)
     return best[1]
@@ -118,7 +117,6 @@ def ge_zero_many(items: Sequence[tuple[torch.Tensor, torch.Tensor | None]], bits
         return [(x.clone(), None if w is None else w.clone()) for x, w in items]
     widths = digit_widths(bits)
     d, modulus = len(widths), 1 << (bits + 1)
-    rank = comm.get().get_rank()
     corr = [correlation(x.shape, widths, x.device) for x, _ in items]
     opened = open_many([(add_public(x, 1 << bits) + r) & (modulus - 1) for (x, _), (r, _, _) in zip(items, corr)])
     requests, tops = [], []
@@ -134,20 +132,9 @@ def ge_zero_many(items: Sequence[tuple[torch.Tensor, torch.Tensor | None]], bits
             at, off = at + (1 << k), off + k
         requests.append(Request(s, _carry_table(d, w is not None), w))
     out = []
-    for (x, w), top, (f, fw) in zip(items, tops, lookup_many(requests)):
+    for (_, w), top, (f, fw) in zip(items, tops, lookup_many(requests)):
         flip = 1 - 2 * top
         beta = add_public(flip * f[0], top)
         out.append((beta, None if w is None else top * w + flip * fw[0]))
     return out
 
-
-def ge_zero(x: Secret, bits: int) -> Secret:
-    """``[x ≥ 0]`` (0/1 at scale 1) of a secret whose raw ring value satisfies |x| < 2^bits: 2 rounds."""
-    ((beta, _),) = ge_zero_many([(share_of(x), None)], bits)
-    return to_secret(beta, precision=0)
-
-
-def relu_select(x: Secret, bits: int) -> Secret:
-    """``[x ≥ 0]·[x]`` at x's scale (|raw x| < 2^bits): 2 rounds; ``b + relu_select(a − b)`` = max(a, b)."""
-    ((_, prod),) = ge_zero_many([(share_of(x), share_of(x))], bits)
-    return to_secret(prod, precision=int(math.log2(x.encoder.scale)))
