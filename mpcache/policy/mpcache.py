@@ -27,9 +27,10 @@ attention's 2 opens: + G·s·(C_mid + k) opened elements + k·C_mid, while the s
 element, the dominant term) runs over |D_t| instead of T'. The paper-literal K/V gather opens
 k·C_mid + 2·T'·D per KV head (D = 64 ≫ G), so it is not implemented.
 
-Selection cost per step and own layer: summaries 2·D·(#levels) comparisons (one batched round trip),
-scores one Beaver product over Σ_l C_l·D, then one top-k per level over C_mid (sequential; by
-pairwise ranks, 2 comparison rounds, while C_mid ≤ ``protocols.selection.PAIRWISE_MAX`` = 256).
+Selection cost per step and own layer: summaries 2·D·(#levels) element-wise maxima (one batched
+``protocols.selection.maximum``: 2 rounds with digit comparisons), scores one Beaver product over Σ_l C_l·D,
+then one top-k per level over C_mid (sequential; by pairwise ranks while C_mid ≤ ``PAIRWISE_MAX`` = 256:
+3 rounds for a mask, 4 for the finest level's one-hot rows with digit comparisons).
 Public: T0, T', K, W, C_l, k_l, the forced clusters, α, the sharing pattern. Secret: [s], [E],
 every [score], [m], [O]. Nothing is revealed.
 
