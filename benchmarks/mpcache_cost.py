@@ -139,8 +139,17 @@ def _project(c: dict, net: dict) -> float:
 
 
 def party_job(lengths: list[int], policies: list[str], layers: int, n_new: int, device: str,
-              real_prefill: list[int], real_policies: list[str]) -> list[dict]:
-    """One party: share the truncated model once, then one simulated run per (policy, T0)."""
+              real_prefill: list[int], real_policies: list[str], comparison: str) -> list[dict]:
+    """One party, under ``ProtocolConfig.comparison = comparison``: share the truncated model once,
+    then one simulated run per (policy, T0)."""
+    from protocols.config import active_config, protocol_context
+    with protocol_context(dataclasses.replace(active_config(), comparison=comparison)):
+        return [dict(r, comparison=comparison) for r in
+                _party_runs(lengths, policies, layers, n_new, device, real_prefill, real_policies)]
+
+
+def _party_runs(lengths: list[int], policies: list[str], layers: int, n_new: int, device: str,
+                real_prefill: list[int], real_policies: list[str]) -> list[dict]:
     from mpcache.generate import next_token, share_tokens
     from mpcache.model import ModelArgs
     from mpcache.policy.simulate import prefill_from_plaintext_kv
@@ -223,16 +232,27 @@ def summarise(raw: dict, layers: int, device: str) -> dict:
 
 
 def _key(r: dict) -> tuple:
-    return r["policy"], r["length"], r["device"], r["layers"], r["mode"]
+    return r["policy"], r["length"], r["device"], r["layers"], r["mode"], _comparison(r)
+
+
+def _comparison(r: dict) -> str:
+    """The selection's comparisons of a record (records before the option used CrypTen's)."""
+    return r.get("comparison", "crypten")
+
+
+def _label(r: dict) -> str:
+    return r["policy"] if _comparison(r) == "digits" else f"{r['policy']} (CrypTen cmp)"
 
 
 def merge(path: Path, new: list[dict]) -> list[dict]:
-    """Records of ``path`` with ``new`` replacing any of the same (policy, length, device, layers, mode)."""
+    """Records of ``path`` with ``new`` replacing any of the same (policy, length, device, layers, mode,
+    comparison)."""
     old = json.loads(path.read_text())["records"] if path.exists() else []
     keys = {_key(r) for r in new}
     recs = [r for r in old if _key(r) not in keys] + new
     order = {p: i for i, p in enumerate(BASELINES + ABLATION)}
-    return sorted(recs, key=lambda r: (r["mode"], r["device"], r["layers"], r["length"], order.get(r["policy"], 99)))
+    return sorted(recs, key=lambda r: (r["mode"], r["device"], r["layers"], r["length"], order.get(r["policy"], 99),
+                                       _comparison(r) != "digits"))
 
 
 def _ratio(a: float, b: float) -> str:
@@ -257,7 +277,8 @@ def markdown(recs: list[dict], machines: dict[str, str]) -> str:
     sim = [r for r in recs if r["mode"] == "simulation"]
     for dev, lay in sorted({(r["device"], r["layers"]) for r in sim}):
         group = [r for r in sim if (r["device"], r["layers"]) == (dev, lay)]
-        full = {r["length"]: r for r in group if r["policy"] == "full"}
+        full = {r["length"]: r for r in sorted(group, key=lambda r: _comparison(r) == "digits")
+                if r["policy"] == "full"}  # the full cache selects nothing: prefer the digits run
         lines += [f"## Decode per token, {dev}, L = {lay} layers (simulation prefill)", "",
                   "| T0 | policy | attended | MB/token | ×full | rounds | median s | LAN s | WAN s | WAN ×full "
                   "| 30L MB (extrap.) | 30L ×full | 30L WAN s (extrap.) | static-evict MB (once) |",
@@ -270,7 +291,7 @@ def markdown(recs: list[dict], machines: dict[str, str]) -> str:
             fw = f["decode"]["WAN_s"] if f else 0
             fe = f["extrapolated_30_layers"] if f else {"wire_bytes": 0}
             lines.append(
-                f"| {r['length']} | {r['policy']} | {r['describe']['attended_last_step']} | "
+                f"| {r['length']} | {_label(r)} | {r['describe']['attended_last_step']} | "
                 f"{d['total']['wire_bytes'] / 1e6:.2f} | {_ratio(fb, d['total']['wire_bytes'])} | "
                 f"{d['total']['rounds']:.0f} | {r['median_step_s']:.2f} | {d['LAN_s']:.2f} | {d['WAN_s']:.2f} | "
                 f"{_ratio(fw, d['WAN_s'])} | {e['wire_bytes'] / 1e6:.1f} | {_ratio(fe['wire_bytes'], e['wire_bytes'])} | "
@@ -278,14 +299,14 @@ def markdown(recs: list[dict], machines: dict[str, str]) -> str:
             s = r.get("extrapolated_30_layers_shared")
             if s and f:
                 fe_full = f["extrapolated_30_layers"]
-                shared_rows.append(f"| {r['length']} | {s['shared_layers']} | {s['wire_bytes'] / 1e6:.1f} | "
+                shared_rows.append(f"| {r['length']} | {_label(r)} | {s['shared_layers']} | {s['wire_bytes'] / 1e6:.1f} | "
                                    f"{_ratio(fe_full['wire_bytes'], s['wire_bytes'])} | {s['rounds']:.0f} | "
                                    f"{s['WAN_s']:.1f} | {_ratio(fe_full['WAN_s'], s['WAN_s'])} |")
         if shared_rows:
             lines += ["", "MPCache with cross-layer sharing, 30 layers (extrapolated: the shared layers skip "
                           "the measured per-layer selection cost):", "",
-                      "| T0 | sharing layers | 30L MB | ×full | 30L rounds | 30L WAN s | WAN ×full |",
-                      "|---|---|---|---|---|---|---|", *shared_rows]
+                      "| T0 | policy | sharing layers | 30L MB | ×full | 30L rounds | 30L WAN s | WAN ×full |",
+                      "|---|---|---|---|---|---|---|---|", *shared_rows]
         head = group[0]["decode"]["head"]
         lines += ["", f"Constant head per token (embedding + final norm + LM head + argmax, same for every "
                       f"policy): {head['wire_bytes'] / 1e6:.2f} MB, {head['rounds']:.0f} rounds.", ""]
@@ -296,7 +317,7 @@ def markdown(recs: list[dict], machines: dict[str, str]) -> str:
                   "| decode MB/token | decode rounds |", "|" + "---|" * 11]
         for r in real:
             p, d = r["prefill"], r["decode"]
-            lines.append(f"| {r['device']} | {r['layers']} | {r['length']} | {r['policy']} | "
+            lines.append(f"| {r['device']} | {r['layers']} | {r['length']} | {_label(r)} | "
                          f"{p['wire_bytes'] / 1e6:.1f} | {p['rounds']:.0f} | {r['prefill_s']:.1f} | "
                          f"{p['LAN_s']:.1f} | {p['WAN_s']:.1f} | {d['wire_bytes'] / 1e6:.2f} | {d['rounds']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -312,8 +333,8 @@ def plots(recs: list[dict], out: Path) -> list[str]:
     for dev, lay in sorted({(r["device"], r["layers"]) for r in sim}):
         group = [r for r in sim if (r["device"], r["layers"]) == (dev, lay)]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for pol in dict.fromkeys(r["policy"] for r in group):
-            rs = sorted((r for r in group if r["policy"] == pol), key=lambda r: r["length"])
+        for pol in dict.fromkeys(_label(r) for r in group):
+            rs = sorted((r for r in group if _label(r) == pol), key=lambda r: r["length"])
             xs = [r["length"] for r in rs]
             axes[0].plot(xs, [r["decode"]["total"]["wire_bytes"] / 1e6 for r in rs], marker="o", label=pol)
             axes[1].plot(xs, [r["decode"]["WAN_s"] for r in rs], marker="o", label=pol)
@@ -347,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--real-prefill", type=_ints, default=[], help="lengths with a real MPC prefill")
     p.add_argument("--real-policies", default="full,mpcache")
+    p.add_argument("--comparison", choices=("digits", "crypten"), default="digits",
+                   help="the selection's comparisons (ProtocolConfig.comparison; crypten = the baseline)")
     p.add_argument("--out", type=Path, default=REPORTS / "mpcache_cost.json")
     p.add_argument("--timeout", type=float, default=7200)
     ns = p.parse_args(argv)
@@ -360,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     from launch.local import run_parties
     t0 = time.perf_counter()
     raw = run_parties(party_job, ns.lengths, policies, ns.layers, ns.new_tokens, ns.device, ns.real_prefill,
-                      real_policies, world_size=2, timeout=ns.timeout)
+                      real_policies, ns.comparison, world_size=2, timeout=ns.timeout)
     for r0, r1 in zip(*raw):  # seconds: the slower party per step
         r0["step_s"] = [max(a, b) for a, b in zip(r0["step_s"], r1["step_s"])]
     new = [summarise(r, ns.layers, ns.device) for r in raw[0]]

@@ -6,13 +6,14 @@ import pytest
 from benchmarks.mpcache_cost import LAN, WAN, build_policy, markdown, merge, summarise
 
 
-def _raw(policy: str, length: int, layer_bytes: float) -> dict:
+def _raw(policy: str, length: int, layer_bytes: float, comparison: str = "digits") -> dict:
     cost = lambda b, r, c: {"wire_bytes": b, "rounds": r, "compute_s": c}  # noqa: E731
     head, layer = cost(30e6, 190, 4.0), cost(layer_bytes, 160, 0.5)
     total = cost(head["wire_bytes"] + 2 * layer_bytes, 190 + 2 * 160, 5.0)
     return {"policy": policy, "length": length, "mode": "simulation", "step_s": [3.0, 1.0, 2.0],
             "sim_prefill_s": 1.0, "decode": {"total": total, "head": head, "per_layer": layer, "stages": {}},
-            "sim_prefill": cost(1e6, 10, 0.1), "describe": {"attended_last_step": length}, "provider": "TTP"}
+            "sim_prefill": cost(1e6, 10, 0.1), "describe": {"attended_last_step": length}, "provider": "TTP",
+            "comparison": comparison}
 
 
 def test_summarise_projects_and_extrapolates():
@@ -46,6 +47,20 @@ def test_merge_replaces_same_key_and_keeps_others(tmp_path):
     assert got == [redo]
     md = markdown(recs, {"cpu": "test machine"})
     assert "SIMULATION (NOT PRIVATE)" in md and "| 512 | mpcache |" in md
+
+
+def test_merge_keeps_comparison_baselines_apart(tmp_path):
+    """A CrypTen-comparison run of the same (policy, length) is a separate, labelled row; records
+    from before the option count as CrypTen's."""
+    path = tmp_path / "c.json"
+    old = summarise(_raw("mpcache", 512, 4e6), 2, "cpu")
+    del old["comparison"]
+    path.write_text(json.dumps({"records": [old, summarise(_raw("full", 512, 4e6), 2, "cpu")]}))
+    recs = merge(path, [summarise(_raw("mpcache", 512, 1e6), 2, "cpu"),
+                        summarise(_raw("mpcache", 512, 3e6, "crypten"), 2, "cpu")])
+    assert len(recs) == 3  # the new CrypTen record replaced the unlabelled one
+    md = markdown(recs, {"cpu": "test machine"})
+    assert "| 512 | mpcache |" in md and "| 512 | mpcache (CrypTen cmp) |" in md
 
 
 def test_baselines_get_mpcache_budget():
