@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from protocols.config import ProtocolConfig
+
 log = logging.getLogger(__name__)
 
 REPORTS = Path(__file__).resolve().parent / "reports"
@@ -241,7 +243,7 @@ def _comparison(r: dict) -> str:
 
 
 def _label(r: dict) -> str:
-    return r["policy"] if _comparison(r) == "digits" else f"{r['policy']} (CrypTen cmp)"
+    return r["policy"] if _comparison(r) == "crypten" else f"{r['policy']} (digit cmp)"
 
 
 def merge(path: Path, new: list[dict]) -> list[dict]:
@@ -252,7 +254,7 @@ def merge(path: Path, new: list[dict]) -> list[dict]:
     recs = [r for r in old if _key(r) not in keys] + new
     order = {p: i for i, p in enumerate(BASELINES + ABLATION)}
     return sorted(recs, key=lambda r: (r["mode"], r["device"], r["layers"], r["length"], order.get(r["policy"], 99),
-                                       _comparison(r) != "digits"))
+                                       _comparison(r) != "crypten"))
 
 
 def _ratio(a: float, b: float) -> str:
@@ -277,8 +279,8 @@ def markdown(recs: list[dict], machines: dict[str, str]) -> str:
     sim = [r for r in recs if r["mode"] == "simulation"]
     for dev, lay in sorted({(r["device"], r["layers"]) for r in sim}):
         group = [r for r in sim if (r["device"], r["layers"]) == (dev, lay)]
-        full = {r["length"]: r for r in sorted(group, key=lambda r: _comparison(r) == "digits")
-                if r["policy"] == "full"}  # the full cache selects nothing: prefer the digits run
+        full = {r["length"]: r for r in sorted(group, key=lambda r: _comparison(r) == "crypten")
+                if r["policy"] == "full"}  # the full cache selects nothing: either run (the default's last)
         lines += [f"## Decode per token, {dev}, L = {lay} layers (simulation prefill)", "",
                   "| T0 | policy | attended | MB/token | ×full | rounds | median s | LAN s | WAN s | WAN ×full "
                   "| 30L MB (extrap.) | 30L ×full | 30L WAN s (extrap.) | static-evict MB (once) |",
@@ -368,8 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--real-prefill", type=_ints, default=[], help="lengths with a real MPC prefill")
     p.add_argument("--real-policies", default="full,mpcache")
-    p.add_argument("--comparison", choices=("digits", "crypten"), default="digits",
-                   help="the selection's comparisons (ProtocolConfig.comparison; crypten = the baseline)")
+    p.add_argument("--comparison", choices=("digits", "crypten"), default=ProtocolConfig().comparison,
+                   help="the selection's comparisons (ProtocolConfig.comparison)")
     p.add_argument("--out", type=Path, default=REPORTS / "mpcache_cost.json")
     p.add_argument("--timeout", type=float, default=7200)
     ns = p.parse_args(argv)

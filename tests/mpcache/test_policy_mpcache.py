@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 
@@ -46,8 +47,14 @@ def _inputs(seed: int, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return q, k, v
 
 
-def _components_job(seed: int, cfg: MPCacheConfig) -> dict:
-    """Runs on each party; decoding with get_plain_text is test-only."""
+def _components_job(seed: int, cfg: MPCacheConfig, comparison: str) -> dict:
+    """Runs on each party under ``ProtocolConfig.comparison``; decoding with get_plain_text is test-only."""
+    from protocols.config import active_config, protocol_context
+    with protocol_context(dataclasses.replace(active_config(), comparison=comparison)):
+        return _components_runs(seed, cfg)
+
+
+def _components_runs(seed: int, cfg: MPCacheConfig) -> dict:
     from mpcache.cache import SecretKVCache
     from mpcache.policy.base import compact_cache, static_onehot
     from protocols.cost import NullMeter
@@ -100,10 +107,11 @@ def _compare(t: int, res: dict, q: torch.Tensor, k: torch.Tensor, cfg: MPCacheCo
     return ties
 
 
-def test_components_match_twin():
+@pytest.mark.parametrize("comparison", ["crypten", "digits"])
+def test_components_match_twin(comparison):
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     cfg = MPCacheConfig(level_ratios=(0.5, 0.25))
-    res = _tensors(run_parties(_components_job, seed, cfg, timeout=240)[0])
+    res = _tensors(run_parties(_components_job, seed, cfg, comparison, timeout=240)[0])
     ties = 0
     for t in LENGTHS:
         q, k, v = _inputs(seed, t)

@@ -111,6 +111,12 @@ def test_reveal_to_one_party_is_counted():
 
 
 def _digit_costs() -> dict:
+    from protocols.config import ProtocolConfig, protocol_context
+    with protocol_context(ProtocolConfig(comparison="digits")):
+        return _digit_cost_runs()
+
+
+def _digit_cost_runs() -> dict:
     from protocols import selection as sel
     from protocols.compat import comm, crypten
 
@@ -141,12 +147,12 @@ def test_digit_selection_cost_formula():
     assert got["maximum"] == (2, 48 * 4 * 64), got["maximum"]
 
 
-def test_selection_with_crypten_comparisons(seed):
-    """The ``comparison="crypten"`` path (the cost baseline) still selects exactly."""
-    _check(run_on("TFP", _with_config, seed, CASES[:6], timeout=300)[0], seed)
+def test_selection_with_digit_comparisons(seed):
+    """The ``comparison="digits"`` path (``protocols.compare``) selects exactly too."""
+    _check(run_on("TFP", _with_digits, seed, CASES, timeout=300)[0], seed)
 
 
-def _with_config(seed, cases):
+def _with_digits(seed, cases):
     from protocols.config import ProtocolConfig, protocol_context
-    with protocol_context(ProtocolConfig(comparison="crypten")):
+    with protocol_context(ProtocolConfig(comparison="digits")):
         return _job(seed, cases)
