@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from protocols.config import ProtocolConfig
+from protocols.config import ProtocolConfig, active_config, protocol_context
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,6 @@ def party_job(lengths: list[int], policies: list[str], layers: int, n_new: int, 
               real_prefill: list[int], real_policies: list[str], comparison: str) -> list[dict]:
     """One party, under ``ProtocolConfig.comparison = comparison``: share the truncated model once,
     then one simulated run per (policy, T0)."""
-    from protocols.config import active_config, protocol_context
     with protocol_context(dataclasses.replace(active_config(), comparison=comparison)):
         return [dict(r, comparison=comparison) for r in
                 _party_runs(lengths, policies, layers, n_new, device, real_prefill, real_policies)]
