@@ -177,7 +177,7 @@ def argmax_onehot(x: Secret, dim: int = -1) -> Secret:
     n = xt.size(-1)
     idx = _tournament(xt)  # (..., 1)
     n_bits = max(1, math.ceil(math.log2(n)))
-    onehot = _onehot_from_bits(_index_bits(idx, n_bits, shift=int(math.log2(idx.encoder.scale))))[..., 0, :n]  # (..., n)
+    onehot = _onehot_from_bits(_index_bits(idx, n_bits, shift=_frac_bits(idx)))[..., 0, :n]  # (..., n)
     return onehot.transpose(dim, -1) if xt is not x else onehot
 
 
