@@ -88,7 +88,10 @@ def quality_markdown(report: dict) -> str:
              "measured slots per decode step and layer (mean over heads, layers, steps and samples, at the NIAH "
              "answer steps), in tokens and as % of the prompt; ⚠ marks a row attending over 1.1× its label, "
              "so compare rows by `attended`, not by the label. Budget label = fraction of the context kept "
-             "(attended for selection methods). " + " ".join(f"{k}: budget = {v}." for k, v in
+             "(attended for selection methods). `kv bytes`: the whole cache after the prefill, all layers, "
+             "and in parentheses per context token; exact for the full fp16 cache and the quantized caches (their "
+             "own accounting of codes, scales and full-precision parts), ≈ kept slots × the full cache's bytes "
+             "per slot for eviction and selection methods. " + " ".join(f"{k}: budget = {v}." for k, v in
                                                            cfg.get("budget_meaning", {}).items()),
              ""]
     lines += ["Per-method settings: " + ", ".join(f"{k} {v}" for k, v in cfg.get("policy_args", {}).items())
@@ -117,11 +120,12 @@ def _length_table(length: int, rows: list[dict]) -> list[str]:
     full = next((r for r in ok if r["policy"] == "full"), None)
     kls = _task_keys(ok, "fidelity")
     pn = _task_keys(ok, "niah_prose")
-    head = ["method", "budget", "attended", "kept", "kv bytes", "niah (n)", "Δ niah vs full"] + \
+    head = ["method", "budget", "attended", "kept", "kv bytes (per token)", "niah (n)", "Δ niah vs full"] + \
            [f"niah in {k.split('@')[1]}" for k in pn] + \
            [f"KL@{k.split('@')[1]} (n)" for k in kls] + [f"top1@{k.split('@')[1]}" for k in kls]
     out = [f"## {length} tokens", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     prompt = length - 12
+    slot = full["kv_bytes"] / length if full and full.get("kv_bytes") else None  # fp16 K+V, all layers
     for r in sorted(ok, key=lambda r: (r["policy"] != "full", r["policy"], r["budget"] or 0)):
         res = r["results"]
         niah = res.get("niah")
@@ -132,7 +136,7 @@ def _length_table(length: int, rows: list[dict]) -> list[str]:
             cells += [f"{att:.0f} ({att / prompt:.1%}){warn}", f"{kept:.0f} ({kept / prompt:.0%})"]
         else:
             cells += ["–", "–"]
-        cells.append(f"{r['kv_bytes']:,.0f}" if r.get("kv_bytes") is not None else "–")
+        cells.append(_kv_bytes(r, slot, length, prompt))
         cells.append(f"{_ci(niah['score'])} ({niah['n']})" if niah else "–")
         cells.append(_pair(niah["score"], full["results"]["niah"]["score"]) if niah and full and
                      r is not full and "niah" in full["results"] else "–")
@@ -141,6 +145,19 @@ def _length_table(length: int, rows: list[dict]) -> list[str]:
         cells += [f"{_mean(res[k]['top1']):.3f}" if k in res else "–" for k in kls]
         out.append("| " + " | ".join(cells) + " |")
     return out + [""]
+
+
+def _kv_bytes(row: dict, slot: float | None, length: int, prompt: int) -> str:
+    """The cache's bytes (and per context token): exact where the method accounts for them (quantized
+    caches and the full fp16 cache, at ``length`` tokens), else ≈ measured kept slots (of a ``prompt``)
+    × the full cache's bytes per slot."""
+    if row.get("kv_bytes") is not None:
+        return f"{row['kv_bytes']:,.0f} ({row['kv_bytes'] / length:,.0f})"
+    niah = row["results"].get("niah")
+    if slot is None or not niah or "kept" not in niah:
+        return "–"
+    b = _mean(niah["kept"]) * slot
+    return f"≈ {b:,.0f} ({b / prompt:,.0f})"
 
 
 def _comparisons(rows: list[dict]) -> list[str]:

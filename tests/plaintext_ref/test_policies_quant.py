@@ -211,12 +211,15 @@ def test_cache_bytes_and_kv_quality_column(tiny_llama):
     assert kv_quality.cells(args) == [(4096, "full", None), (4096, "kivi", None), (4096, "mikv", 0.1),
                                       (4096, "mikv", 0.2), (4096, "vidkv", None)]
     from plaintext_ref.eval.report import _length_table
+    niah = {"metric": "niah", "n": 2, "score": [1.0, 0.0], "kept": [10.0, 12.0], "attended": [10.0, 12.0]}
     rows = [{"policy": "full", "budget": None, "results": {}, "kv_bytes": 8192.0},
             {"policy": "kivi", "budget": None, "results": {}, "kv_bytes": 2000.25},
-            {"policy": "snapkv", "budget": 0.1, "results": {}, "kv_bytes": None}]
-    table = "\n".join(_length_table(64, rows))
-    assert "| kv bytes |" in table and "| full | full | – | – | 8,192 |" in table, table
-    assert "| kivi | – | – | – | 2,000 |" in table and "| snapkv | 10% | – | – | – |" in table, table
+            {"policy": "snapkv", "budget": 0.1, "results": {}, "kv_bytes": None},
+            {"policy": "h2o", "budget": 0.1, "results": {"niah": niah}, "kv_bytes": None}]
+    table = "\n".join(_length_table(64, rows))  # prompt = 64 − 12 = 52 tokens; full: 8192 / 64 B per slot
+    assert "| kv bytes (per token) |" in table and "| full | full | – | – | 8,192 (128) |" in table, table
+    assert "| kivi | – | – | – | 2,000 (31) |" in table and "| snapkv | 10% | – | – | – |" in table, table
+    assert "| h2o | 10% | 11 (21.2%) ⚠ | 11 (21%) | ≈ 1,408 (27) |" in table, table  # 11 kept × 128 B
 
 
 # ---------------------------------------------------------------- KIVI on tiny-llama
