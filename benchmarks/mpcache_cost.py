@@ -241,8 +241,13 @@ def _comparison(r: dict) -> str:
     return r.get("comparison", "crypten")
 
 
+CMP_LABEL = {"crypten": "CrypTen cmp", "digits": "digit cmp"}
+
+
 def _label(r: dict) -> str:
-    return r["policy"] if _comparison(r) == "crypten" else f"{r['policy']} (digit cmp)"
+    """The policy, with the comparisons named when they are not the default's."""
+    cmp = _comparison(r)
+    return r["policy"] if cmp == ProtocolConfig().comparison else f"{r['policy']} ({CMP_LABEL[cmp]})"
 
 
 def merge(path: Path, new: list[dict]) -> list[dict]:
@@ -253,7 +258,7 @@ def merge(path: Path, new: list[dict]) -> list[dict]:
     recs = [r for r in old if _key(r) not in keys] + new
     order = {p: i for i, p in enumerate(BASELINES + ABLATION)}
     return sorted(recs, key=lambda r: (r["mode"], r["device"], r["layers"], r["length"], order.get(r["policy"], 99),
-                                       _comparison(r) != "crypten"))
+                                       _comparison(r) != ProtocolConfig().comparison))
 
 
 def _ratio(a: float, b: float) -> str:
@@ -278,7 +283,7 @@ def markdown(recs: list[dict], machines: dict[str, str]) -> str:
     sim = [r for r in recs if r["mode"] == "simulation"]
     for dev, lay in sorted({(r["device"], r["layers"]) for r in sim}):
         group = [r for r in sim if (r["device"], r["layers"]) == (dev, lay)]
-        full = {r["length"]: r for r in sorted(group, key=lambda r: _comparison(r) == "crypten")
+        full = {r["length"]: r for r in sorted(group, key=lambda r: _comparison(r) == ProtocolConfig().comparison)
                 if r["policy"] == "full"}  # the full cache selects nothing: either run (the default's last)
         lines += [f"## Decode per token, {dev}, L = {lay} layers (simulation prefill)", "",
                   "| T0 | policy | attended | MB/token | ×full | rounds | median s | LAN s | WAN s | WAN ×full "

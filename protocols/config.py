@@ -78,14 +78,12 @@ class ProtocolConfig:
         Softmax, the norms and SiLU: ``"lut"`` = ``protocols.lut_nonlinear`` (one-round table
         look-ups: softmax ⌈log2 n⌉ + 10 rounds, a norm 7, SiLU 3; its own exact truncations whatever
         ``truncation`` says); ``"poly"`` = the comparison/Newton versions of ``protocols.nonlinear``.
-    comparison : str, default "crypten"
+    comparison : str, default "digits"
         The decode-time selection's comparisons (``protocols.selection``: ``maximum``, the pairwise
         top-k, the by-position one-hots): ``"crypten"`` = CrypTen's comparison (8 rounds, 432 bytes)
         and A2B one-hots; ``"digits"`` = ``protocols.compare`` (exact, 2 rounds, 32 logged bytes per
         element, ≈ 1.4 k dealer elements each) with exact one-round look-ups of the ranks and slots.
-        ``"digits"`` is opt-in until the SmolLM2 MPCache agreement test passes with it: on that test's
-        prompt it flips one teacher-forced token at a 0.05-logit margin (cause not yet found: a dynamic
-        selection near-tie or a bug), while ``benchmarks.secure_agreement`` agrees at 32/32 positions.
+        Both are exact; the choice changes only rounds, bytes and dealer material.
     trunc_matmul_limit : int, default 2^22
         Largest m ⊗ B correlation (elements, |z|·J) for which a truncation is fused with the
         fixed-mask product it feeds (``protocols.fixed_mask.trunc_matmul_step``: one round fewer per
@@ -115,7 +113,7 @@ class ProtocolConfig:
     mask_fill: float = 1024.0
     truncation: str = "exact"
     nonlinear: str = "lut"
-    comparison: str = "crypten"
+    comparison: str = "digits"
     trunc_matmul_limit: int = 1 << 22
 
     def __post_init__(self) -> None:

@@ -7,7 +7,7 @@ is. ``reveal_to`` is the one audited way to open a secret.
 
 Cost notation: one secure comparison ``cmp`` = 8 rounds and 432 logged bytes per element per party
 (CrypTen A2B adder + B2A, measured); one Beaver product ``mul`` = 1 round, 32 bytes per element.
-With ``ProtocolConfig.comparison = "digits"`` (opt-in; ``protocols.config`` says why) the decode-time selection (``maximum``, the
+With ``ProtocolConfig.comparison = "digits"`` (the default) the decode-time selection (``maximum``, the
 pairwise top-k and the by-position one-hots) runs on ``protocols.compare`` (an exact comparison in 2
 rounds, 32 bytes per element) and exact one-round look-ups of small integers (``protocols.lut``):
 a pairwise top-k one-hot in 4 rounds instead of 2·9 + 9 + ⌈log2 k⌉. The bitonic path (n > ``PAIRWISE_MAX``,

@@ -4,9 +4,10 @@ import json
 import pytest
 
 from benchmarks.mpcache_cost import LAN, WAN, build_policy, markdown, merge, summarise
+from protocols.config import ProtocolConfig
 
 
-def _raw(policy: str, length: int, layer_bytes: float, comparison: str = "crypten") -> dict:
+def _raw(policy: str, length: int, layer_bytes: float, comparison: str = ProtocolConfig().comparison) -> dict:
     cost = lambda b, r, c: {"wire_bytes": b, "rounds": r, "compute_s": c}  # noqa: E731
     head, layer = cost(30e6, 190, 4.0), cost(layer_bytes, 160, 0.5)
     total = cost(head["wire_bytes"] + 2 * layer_bytes, 190 + 2 * 160, 5.0)
@@ -50,17 +51,17 @@ def test_merge_replaces_same_key_and_keeps_others(tmp_path):
 
 
 def test_merge_keeps_comparison_baselines_apart(tmp_path):
-    """A digit-comparison run of the same (policy, length) is a separate, labelled row; records
-    from before the option count as CrypTen's."""
+    """A run with the non-default comparisons of the same (policy, length) is a separate, labelled
+    row; records from before the option count as CrypTen's."""
     path = tmp_path / "c.json"
     old = summarise(_raw("mpcache", 512, 4e6), 2, "cpu")
     del old["comparison"]
     path.write_text(json.dumps({"records": [old, summarise(_raw("full", 512, 4e6), 2, "cpu")]}))
     recs = merge(path, [summarise(_raw("mpcache", 512, 1e6, "digits"), 2, "cpu"),
-                        summarise(_raw("mpcache", 512, 3e6), 2, "cpu")])
+                        summarise(_raw("mpcache", 512, 3e6, "crypten"), 2, "cpu")])
     assert len(recs) == 3  # the new CrypTen record replaced the unlabelled one
     md = markdown(recs, {"cpu": "test machine"})
-    assert "| 512 | mpcache |" in md and "| 512 | mpcache (digit cmp) |" in md
+    assert "| 512 | mpcache |" in md and "| 512 | mpcache (CrypTen cmp) |" in md  # digits: the default
 
 
 def test_baselines_get_mpcache_budget():

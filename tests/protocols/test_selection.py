@@ -74,8 +74,16 @@ def _check(err, seed):
     assert not bad, f"seed={seed}: selection differs from torch: {bad}"
 
 
-def test_selection_matches_torch(seed):
-    _check(run_on("TFP", _job, seed, CASES, timeout=300)[0], seed)
+@pytest.mark.parametrize("comparison", ["digits", "crypten"])
+def test_selection_matches_torch(seed, comparison):
+    """Both comparison paths (``protocols.compare``'s digits, the default, and CrypTen's) select exactly."""
+    _check(run_on("TFP", _with_comparison, seed, CASES, comparison, timeout=300)[0], seed)
+
+
+def _with_comparison(seed, cases, comparison):
+    from protocols.config import ProtocolConfig, protocol_context
+    with protocol_context(ProtocolConfig(comparison=comparison)):
+        return _job(seed, cases)
 
 
 def test_selection_with_dealer(seed):
@@ -146,13 +154,3 @@ def test_digit_selection_cost_formula():
         assert cost == (3 + (name == "onehot"), want_bytes), (name, n, k, cost)
     assert got["maximum"] == (2, 48 * 4 * 64), got["maximum"]
 
-
-def test_selection_with_digit_comparisons(seed):
-    """The ``comparison="digits"`` path (``protocols.compare``) selects exactly too."""
-    _check(run_on("TFP", _with_digits, seed, CASES, timeout=300)[0], seed)
-
-
-def _with_digits(seed, cases):
-    from protocols.config import ProtocolConfig, protocol_context
-    with protocol_context(ProtocolConfig(comparison="digits")):
-        return _job(seed, cases)
