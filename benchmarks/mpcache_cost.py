@@ -242,12 +242,13 @@ def _comparison(r: dict) -> str:
 
 
 CMP_LABEL = {"crypten": "CrypTen cmp", "digits": "digit cmp"}
+DEFAULT_CMP = ProtocolConfig().comparison
 
 
 def _label(r: dict) -> str:
     """The policy, with the comparisons named when they are not the default's."""
     cmp = _comparison(r)
-    return r["policy"] if cmp == ProtocolConfig().comparison else f"{r['policy']} ({CMP_LABEL[cmp]})"
+    return r["policy"] if cmp == DEFAULT_CMP else f"{r['policy']} ({CMP_LABEL[cmp]})"
 
 
 def merge(path: Path, new: list[dict]) -> list[dict]:
@@ -258,7 +259,7 @@ def merge(path: Path, new: list[dict]) -> list[dict]:
     recs = [r for r in old if _key(r) not in keys] + new
     order = {p: i for i, p in enumerate(BASELINES + ABLATION)}
     return sorted(recs, key=lambda r: (r["mode"], r["device"], r["layers"], r["length"], order.get(r["policy"], 99),
-                                       _comparison(r) != ProtocolConfig().comparison))
+                                       _comparison(r) != DEFAULT_CMP))
 
 
 def _ratio(a: float, b: float) -> str:
@@ -283,7 +284,7 @@ def markdown(recs: list[dict], machines: dict[str, str]) -> str:
     sim = [r for r in recs if r["mode"] == "simulation"]
     for dev, lay in sorted({(r["device"], r["layers"]) for r in sim}):
         group = [r for r in sim if (r["device"], r["layers"]) == (dev, lay)]
-        full = {r["length"]: r for r in sorted(group, key=lambda r: _comparison(r) == ProtocolConfig().comparison)
+        full = {r["length"]: r for r in sorted(group, key=lambda r: _comparison(r) == DEFAULT_CMP)
                 if r["policy"] == "full"}  # the full cache selects nothing: either run (the default's last)
         lines += [f"## Decode per token, {dev}, L = {lay} layers (simulation prefill)", "",
                   "| T0 | policy | attended | MB/token | ×full | rounds | median s | LAN s | WAN s | WAN ×full "
