@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--real-prefill", type=_ints, default=[], help="lengths with a real MPC prefill")
     p.add_argument("--real-policies", default="full,mpcache")
-    p.add_argument("--comparison", choices=("digits", "crypten"), default=ProtocolConfig().comparison,
+    p.add_argument("--comparison", choices=("digits", "crypten"), default=DEFAULT_CMP,
                    help="the selection's comparisons (ProtocolConfig.comparison)")
     p.add_argument("--out", type=Path, default=REPORTS / "mpcache_cost.json")
     p.add_argument("--timeout", type=float, default=7200)
